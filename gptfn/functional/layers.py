@@ -1,0 +1,75 @@
+"""Elementwise and dense layers: gelu, layer_norm, linear, feed_forward.
+
+Weights are GPT-2's Conv1D layout, ``[in, out]``, so ``linear(x, w, b) = x @ w + b``.
+Every function here is ``torch.jit.script``-able.
+
+Symbols: B batch, T sequence length, C embedding width (embed_dim).
+"""
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def gelu(x: Tensor) -> Tensor:
+    """GPT-2's GELU, tanh approximation, written out.
+
+    ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``; equals
+    ``F.gelu(x, approximate="tanh")`` to fp32 rounding.
+
+    Shapes: any -> same.
+    """
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
+
+
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """Layer normalisation over the last dimension with learnable scale and shift, written out.
+
+    Biased variance, as in GPT-2; equals ``F.layer_norm`` to fp32 rounding.
+
+    Shapes: x (..., C), weight (C,), bias (C,) -> (..., C).
+    """
+    mean = x.mean(dim=-1, keepdim=True)  # (..., 1)
+    var = (x - mean).pow(2).mean(dim=-1, keepdim=True)  # (..., 1)
+    return (x - mean) * torch.rsqrt(var + eps) * weight + bias
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``x @ weight + bias`` with GPT-2's ``[in, out]`` weight layout.
+
+    Shapes: x (..., in), weight (in, out), bias (out,) or None -> (..., out).
+    """
+    # F.linear computes x @ W.T + b; W = weight.t() is a view, so this is one addmm
+    # over the contiguous [in, out] weight: no copy, no transpose.
+    return F.linear(x, weight.t(), bias)
+
+
+def feed_forward(
+    x: Tensor,
+    c_fc_weight: Tensor,
+    c_fc_bias: Tensor,
+    c_proj_weight: Tensor,
+    c_proj_bias: Tensor,
+) -> Tensor:
+    """GPT-2's MLP: expand to 4C, GELU (tanh), project back to C.
+
+    Uses the fused ``F.gelu(approximate="tanh")``; ``gelu`` above is the same formula.
+
+    Shapes: x (B, T, C), c_fc_weight (C, 4C), c_proj_weight (4C, C) -> (B, T, C).
+    """
+    h = linear(x, c_fc_weight, c_fc_bias)  # (B, T, C) -> (B, T, 4C)
+    h = F.gelu(h, approximate="tanh")
+    return linear(h, c_proj_weight, c_proj_bias)  # (B, T, 4C) -> (B, T, C)
+
+
+def dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """Inverted dropout; the identity when not training or when ``p == 0``.
+
+    Shapes: any -> same.
+    """
+    if training and p > 0.0:
+        return F.dropout(x, p, True)
+    return x

@@ -1,0 +1,189 @@
+"""GPT-2 as a pure function of a flat parameter dict.
+
+``gpt_forward(params, idx, config) -> logits``. ``params`` uses the GPT-2 hub checkpoint's
+key names (``wte.weight``, ``h.{i}.attn.c_attn.weight`` ...; see ``gptfn.params``), weights
+``[in, out]``, output head tied to ``wte``.
+
+Every function here except ``gpt_forward`` is ``torch.jit.script``-able. ``gpt_forward``
+only unpacks the (frozen dataclass) config into the plain numbers that ``gpt_logits``
+takes, because TorchScript cannot take a frozen dataclass as an argument.
+
+Symbols: B batch, T length, C width, V vocabulary size.
+"""
+
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from gptfn.functional.attention import multi_head_attention
+from gptfn.functional.layers import dropout, feed_forward
+
+
+def check_idx(idx: Tensor, vocab_size: int, context_length: int) -> None:
+    """Raise ValueError unless ``idx`` is a (B, T) integer tensor of ids in the vocabulary
+    with 1 <= T <= context_length.
+
+    The value check reads the ids back (a device sync); it is skipped while torch.compile
+    traces, where a data-dependent branch would break the graph.
+    """
+    if idx.dim() != 2:
+        raise ValueError(f"idx must have shape (batch, seq_len), got {list(idx.shape)}")
+    if idx.dtype != torch.long and idx.dtype != torch.int:
+        raise ValueError(f"idx must hold integer token ids (int64 or int32), got {idx.dtype}")
+    t = idx.size(1)
+    if t == 0:
+        raise ValueError("idx is empty: seq_len must be at least 1")
+    if t > context_length:
+        raise ValueError(f"sequence length {t} exceeds context_length {context_length}")
+    if idx.size(0) == 0:
+        return
+    scripting = torch.jit.is_scripting()
+    if scripting or not torch.compiler.is_compiling():
+        lo = int(idx.min())
+        hi = int(idx.max())
+        if lo < 0 or hi >= vocab_size:
+            bad = hi if hi >= vocab_size else lo
+            raise ValueError(f"token id {bad} is outside the vocab [0, {vocab_size})")
+
+
+def embed(
+    idx: Tensor,
+    pos: Tensor,
+    wte: Tensor,
+    wpe: Tensor,
+    dropout_p: float = 0.0,
+    training: bool = False,
+) -> Tensor:
+    """Token plus position embeddings, with embedding dropout.
+
+    Shapes: idx (B, T), pos (T,) or (B, T), wte (V, C), wpe (T_max, C) -> (B, T, C).
+    """
+    x = F.embedding(idx, wte) + F.embedding(pos, wpe)  # (B, T) -> (B, T, C)
+    return dropout(x, dropout_p, training)
+
+
+def transformer_block(
+    x: Tensor,
+    ln_1_weight: Tensor,
+    ln_1_bias: Tensor,
+    c_attn_weight: Tensor,
+    c_attn_bias: Optional[Tensor],
+    attn_c_proj_weight: Tensor,
+    attn_c_proj_bias: Tensor,
+    ln_2_weight: Tensor,
+    ln_2_bias: Tensor,
+    c_fc_weight: Tensor,
+    c_fc_bias: Tensor,
+    mlp_c_proj_weight: Tensor,
+    mlp_c_proj_bias: Tensor,
+    num_heads: int,
+    eps: float,
+    dropout_p: float = 0.0,
+    training: bool = False,
+) -> Tensor:
+    """One pre-LN GPT-2 block: x + attn(ln_1(x)), then x + mlp(ln_2(x)).
+
+    Dropout (training only) acts on the attention weights and on each branch's output
+    before it joins the residual stream.
+
+    Shapes: x (B, T, C) -> (B, T, C).
+    """
+    c = x.size(-1)
+    h = F.layer_norm(x, [c], ln_1_weight, ln_1_bias, eps)  # (B, T, C)
+    h = multi_head_attention(
+        h, c_attn_weight, c_attn_bias, attn_c_proj_weight, attn_c_proj_bias,
+        num_heads, dropout_p, training,
+    )  # (B, T, C)
+    x = x + dropout(h, dropout_p, training)
+    h = F.layer_norm(x, [c], ln_2_weight, ln_2_bias, eps)  # (B, T, C)
+    h = feed_forward(h, c_fc_weight, c_fc_bias, mlp_c_proj_weight, mlp_c_proj_bias)  # (B, T, C)
+    return x + dropout(h, dropout_p, training)
+
+
+def lm_head(x: Tensor, ln_f_weight: Tensor, ln_f_bias: Tensor, wte: Tensor, eps: float) -> Tensor:
+    """Final layer norm, then the output head tied to the token embedding.
+
+    Shapes: x (B, T, C), wte (V, C) -> logits (B, T, V).
+    """
+    x = F.layer_norm(x, [x.size(-1)], ln_f_weight, ln_f_bias, eps)  # (B, T, C)
+    return F.linear(x, wte)  # (B, T, C) @ (C, V) -> (B, T, V)
+
+
+def block_forward(
+    params: Dict[str, Tensor],
+    i: int,
+    x: Tensor,
+    num_heads: int,
+    eps: float,
+    dropout_p: float = 0.0,
+    training: bool = False,
+) -> Tensor:
+    """Block ``i`` of ``params``: reads ``h.{i}.*`` and calls ``transformer_block``.
+
+    Shapes: x (B, T, C) -> (B, T, C).
+    """
+    p = f"h.{i}."
+    return transformer_block(
+        x,
+        params[p + "ln_1.weight"],
+        params[p + "ln_1.bias"],
+        params[p + "attn.c_attn.weight"],
+        params.get(p + "attn.c_attn.bias"),
+        params[p + "attn.c_proj.weight"],
+        params[p + "attn.c_proj.bias"],
+        params[p + "ln_2.weight"],
+        params[p + "ln_2.bias"],
+        params[p + "mlp.c_fc.weight"],
+        params[p + "mlp.c_fc.bias"],
+        params[p + "mlp.c_proj.weight"],
+        params[p + "mlp.c_proj.bias"],
+        num_heads,
+        eps,
+        dropout_p,
+        training,
+    )
+
+
+def gpt_logits(
+    params: Dict[str, Tensor],
+    idx: Tensor,
+    num_layers: int,
+    num_heads: int,
+    eps: float,
+    vocab_size: int,
+    context_length: int,
+    dropout_p: float = 0.0,
+    training: bool = False,
+) -> Tensor:
+    """GPT-2's forward pass with the config spelt out as plain numbers (scriptable).
+
+    Shapes: idx (B, T) -> logits (B, T, V).
+    """
+    check_idx(idx, vocab_size, context_length)
+    pos = torch.arange(idx.size(1), device=idx.device)  # (T,)
+    x = embed(idx, pos, params["wte.weight"], params["wpe.weight"], dropout_p, training)  # (B, T, C)
+    for i in range(num_layers):
+        x = block_forward(params, i, x, num_heads, eps, dropout_p, training)  # (B, T, C)
+    return lm_head(x, params["ln_f.weight"], params["ln_f.bias"], params["wte.weight"], eps)
+
+
+def gpt_forward(params: Dict[str, Tensor], idx: Tensor, config, training: bool = False) -> Tensor:
+    """GPT-2's forward pass: ``logits = gpt_forward(params, idx, config)``.
+
+    ``config`` is a ``gptfn.GPTConfig``. Dropout is active only when ``training``.
+
+    Shapes: idx (B, T) -> logits (B, T, V).
+    """
+    return gpt_logits(
+        params,
+        idx,
+        config.num_layers,
+        config.num_heads,
+        config.layer_norm_eps,
+        config.vocab_size,
+        config.context_length,
+        config.dropout_rate,
+        training,
+    )

@@ -1,0 +1,159 @@
+"""Reading and writing ``.safetensors`` files.
+
+Reading is ours: the header is checked field by field (so a truncated file or a header
+that lies about sizes gets an error that says which tensor and which bytes), and the data
+is memory-mapped, not read: ``torch.UntypedStorage.from_file(shared=False)`` maps the file
+copy-on-write and every tensor is a view into that mapping.
+
+Writing uses the ``safetensors`` library (the reference writer) to a temporary file in
+the target directory, renamed over the final name only when complete.
+
+Format: 8-byte little-endian header length N, N bytes of JSON
+``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}``,
+then the data; offsets are relative to the start of the data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Dict, Mapping, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from gptfn.fileio import atomic_path
+
+PathLike = Union[str, os.PathLike]
+
+DTYPES: Dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+_MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's limit
+
+
+class SafetensorsError(ValueError):
+    """A file that is not a valid safetensors file."""
+
+
+def read_header(path: PathLike) -> Tuple[int, Dict[str, dict], Dict[str, str]]:
+    """Parse and check the header. Returns (data start offset, tensor entries, metadata)."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise SafetensorsError(f"{path}: not a safetensors file ({size} bytes, too short)")
+        n = int.from_bytes(head, "little")
+        if n > _MAX_HEADER or 8 + n > size:
+            raise SafetensorsError(
+                f"{path}: not a safetensors file or truncated (header length {n} "
+                f"but the file has {size} bytes)"
+            )
+        raw = fh.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SafetensorsError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{path}: not a safetensors file (header is not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + n
+    data_size = size - data_start
+    spans = []
+    for name, entry in header.items():
+        _check_entry(path, name, entry, data_size)
+        spans.append((entry["data_offsets"][0], entry["data_offsets"][1], name))
+    spans.sort()
+    end = 0
+    for begin, stop, name in spans:
+        if begin != end:
+            what = "overlaps another tensor" if begin < end else f"leaves a gap at byte {end}"
+            raise SafetensorsError(f"{path}: tensor {name!r} {what}")
+        end = stop
+    if end != data_size:
+        raise SafetensorsError(
+            f"{path}: header describes {end} bytes of tensor data but the file holds "
+            f"{data_size} (truncated or padded)"
+        )
+    return data_start, header, metadata
+
+
+def _check_entry(path: Path, name: str, entry: object, data_size: int) -> None:
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        raise SafetensorsError(f"{path}: header entry {name!r} lacks dtype/shape/data_offsets")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in DTYPES:
+        raise SafetensorsError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise SafetensorsError(f"{path}: tensor {name!r} has an invalid shape {shape!r}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
+        raise SafetensorsError(f"{path}: tensor {name!r} has invalid data_offsets {offsets!r}")
+    nbytes = math.prod(shape) * DTYPES[dtype].itemsize
+    if offsets[1] - offsets[0] != nbytes:
+        raise SafetensorsError(
+            f"{path}: tensor {name!r} of shape {shape} and dtype {dtype} needs {nbytes} bytes "
+            f"but its data_offsets span {offsets[1] - offsets[0]}"
+        )
+    if offsets[1] > data_size:
+        raise SafetensorsError(
+            f"{path}: tensor {name!r} ends at byte {offsets[1]} of the data but the file "
+            f"holds only {data_size} (truncated)"
+        )
+
+
+def load_safetensors(path: PathLike) -> Dict[str, Tensor]:
+    """All tensors of a safetensors file, as CPU views into a copy-on-write memory map.
+
+    Writing to a returned tensor changes the process's private copy, never the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such safetensors file: {path}")
+    data_start, header, _ = read_header(path)
+    size = path.stat().st_size
+    if size == 0:
+        return {}
+    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
+    raw = torch.empty(0, dtype=torch.uint8).set_(storage)  # (file bytes,)
+    tensors: Dict[str, Tensor] = {}
+    for name, entry in header.items():
+        dtype = DTYPES[entry["dtype"]]
+        begin = data_start + entry["data_offsets"][0]
+        end = data_start + entry["data_offsets"][1]
+        chunk = raw[begin:end]
+        if begin % dtype.itemsize:
+            chunk = chunk.clone()  # unaligned data cannot be viewed as this dtype: copy it
+        tensors[name] = chunk.view(dtype).reshape(entry["shape"])
+    return tensors
+
+
+def save_safetensors(
+    tensors: Mapping[str, Tensor], path: PathLike, metadata: Optional[Dict[str, str]] = None
+) -> Path:
+    """Write ``tensors`` to ``path`` atomically (temporary file in the same directory, renamed)."""
+    from safetensors.torch import save_file
+
+    contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(contiguous, str(tmp), metadata=metadata)
+    return Path(path)
