@@ -1,0 +1,31 @@
+# Two commands on a fresh machine:
+#   make run    the main job: GPT-2 124M end to end (build, count, forward, script, compile, timings)
+#   make test   the whole test suite
+# Both create (or reuse) the virtual environment .venv and install what is needed. When the
+# environment has no torch, torch is installed first as the CPU wheel 2.13.0, so that the
+# open `torch>=` range in pyproject.toml never pulls a multi-GB CUDA build.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+STAMP := $(VENV)/.gptfn-installed
+
+.PHONY: run test setup clean
+
+run: $(STAMP)
+	$(PY) -m gptfn demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install -e ".[test]"
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

@@ -1,0 +1,3 @@
+from gptfn.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,133 @@
+"""The main job: one model end to end — build, count, forward, script, compile, timings.
+
+``gptfn demo`` (``make run``) runs it on the 124M preset with seeded random weights (real
+GPT-2 weights load the same way from a checkpoint path). Every variant's logits are
+checked against eager before its timing is reported.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import torch
+
+from gptfn.config import GPTConfig
+from gptfn.modules import GPTModel
+from gptfn.scripting import script
+
+
+@dataclass
+class Stage:
+    name: str
+    setup_s: float  # building / scripting / compiling (first call included for compile)
+    forward_ms: List[float] = field(default_factory=list)
+    max_abs_diff: Optional[float] = None  # logits against eager
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.forward_ms)
+
+
+def _timed(fn: Callable[[], torch.Tensor], repeats: int) -> List[float]:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def load_or_build(model: str, seed: int) -> tuple[GPTModel, str]:
+    """A checkpoint path, or a preset name with seeded random weights."""
+    if Path(model).exists():
+        return GPTModel.from_pretrained(model).eval(), f"weights from {model}"
+    return GPTModel(GPTConfig.from_preset(model), seed=seed).eval(), f"random weights, seed {seed}"
+
+
+def run_demo(
+    model: str = "gpt2",
+    batch_size: int = 1,
+    seq_len: int = 128,
+    repeats: int = 5,
+    do_script: bool = True,
+    do_compile: bool = True,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> List[Stage]:
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if repeats <= 0:
+        raise ValueError(f"repeats must be positive, got {repeats}")
+    t0 = time.perf_counter()
+    net, origin = load_or_build(model, seed)
+    cfg = net.config
+    if not 0 < seq_len <= cfg.context_length:
+        raise ValueError(f"seq_len must be in [1, {cfg.context_length}], got {seq_len}")
+    build = Stage("eager", time.perf_counter() - t0)
+    log(f"model      {model} ({origin})")
+    log(
+        f"config     vocab {cfg.vocab_size}, context {cfg.context_length}, width "
+        f"{cfg.embed_dim}, {cfg.num_layers} layers, {cfg.num_heads} heads"
+    )
+    log(
+        f"parameters {net.num_params():,} (tied head; "
+        f"{net.num_params(include_embeddings=False):,} without embeddings)"
+    )
+    log(f"torch      {torch.__version__}, {torch.get_num_threads()} threads, fp32 on CPU")
+    log(f"input      batch {batch_size} x {seq_len} tokens (ids drawn with seed {seed})")
+
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, cfg.vocab_size, (batch_size, seq_len), generator=gen)
+    stages = [build]
+    with torch.inference_mode():
+        ref = net(idx)  # also the warm-up call
+        build.forward_ms = _timed(lambda: net(idx), repeats)
+        log(f"eager      built in {build.setup_s:.2f} s, forward {build.median_ms:.1f} ms")
+        variants = []
+        if do_script:
+            variants.append(("torchscript", lambda: script(net)))
+        if do_compile:
+            variants.append(("compiled", lambda: _compile_and_warm(net, idx)))
+        for name, make in variants:
+            if name == "compiled":
+                log("compiling  torch.compile(fullgraph=True); the first call compiles (tens of s)")
+            t0 = time.perf_counter()
+            fn = make()
+            out = fn(idx)
+            stage = Stage(name, time.perf_counter() - t0)
+            stage.max_abs_diff = (out - ref).abs().max().item()
+            fn(idx)  # warm-up: TorchScript's profiling executor optimises on later calls
+            stage.forward_ms = _timed(lambda: fn(idx), repeats)
+            stages.append(stage)
+            log(
+                f"{name:<10} ready in {stage.setup_s:.2f} s, forward {stage.median_ms:.1f} ms, "
+                f"max |logits - eager| {stage.max_abs_diff:.2e}"
+            )
+    return stages
+
+
+def _compile_and_warm(net: GPTModel, idx: torch.Tensor):
+    compiled = torch.compile(net, fullgraph=True)
+    compiled(idx)  # compile now, so the setup time holds all of it
+    return compiled
+
+
+def format_table(stages: List[Stage], tokens: int) -> str:
+    eager = stages[0].median_ms
+    rows = [
+        "| variant | setup (s) | forward median (ms) | min-max (ms) | tokens/s | vs eager "
+        "| max abs diff |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for s in stages:
+        diff = "-" if s.max_abs_diff is None else f"{s.max_abs_diff:.1e}"
+        rows.append(
+            f"| {s.name} | {s.setup_s:.2f} | {s.median_ms:.1f} | {min(s.forward_ms):.1f}-"
+            f"{max(s.forward_ms):.1f} | {tokens / s.median_ms * 1e3:,.0f} | "
+            f"{eager / s.median_ms:.2f}x | {diff} |"
+        )
+    return "\n".join(rows)
