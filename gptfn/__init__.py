@@ -1,40 +1,54 @@
-"""gptfn: GPT-2 as a pure function of a flat parameter dict, with thin scriptable modules."""
+"""gptfn: GPT-2 as a pure function of a flat parameter dict, with thin scriptable modules.
 
-from gptfn import functional
-from gptfn.config import PRESETS, GPTConfig
-from gptfn.functional import gpt_forward
-from gptfn.modules import (
-    GELU,
-    CausalAttention,
-    FeedForward,
-    GPTModel,
-    LayerNorm,
-    MultiHeadAttention,
-    SelfAttention,
-    TransformerBlock,
-)
-from gptfn.params import init_params, num_params, param_shapes, validate_params
-from gptfn.weights import load_params, save_params
+Public names are imported on first use, so that ``import gptfn`` (and the tokenizer and
+``gptfn prepare``, which need no torch) stay light; ``from gptfn import GPTModel`` works
+as usual.
+"""
+
+import importlib
+from typing import Any, List
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "GELU",
-    "PRESETS",
-    "CausalAttention",
-    "FeedForward",
-    "GPTConfig",
-    "GPTModel",
-    "LayerNorm",
-    "MultiHeadAttention",
-    "SelfAttention",
-    "TransformerBlock",
-    "functional",
-    "gpt_forward",
-    "init_params",
-    "load_params",
-    "num_params",
-    "param_shapes",
-    "save_params",
-    "validate_params",
-]
+_EXPORTS = {
+    "GPTConfig": "gptfn.config",
+    "PRESETS": "gptfn.config",
+    "gpt_forward": "gptfn.functional",
+    "GELU": "gptfn.modules",
+    "CausalAttention": "gptfn.modules",
+    "FeedForward": "gptfn.modules",
+    "GPTModel": "gptfn.modules",
+    "LayerNorm": "gptfn.modules",
+    "MultiHeadAttention": "gptfn.modules",
+    "SelfAttention": "gptfn.modules",
+    "TransformerBlock": "gptfn.modules",
+    "init_params": "gptfn.params",
+    "num_params": "gptfn.params",
+    "param_shapes": "gptfn.params",
+    "validate_params": "gptfn.params",
+    "load_params": "gptfn.weights",
+    "save_params": "gptfn.weights",
+    "BPETokenizer": "gptfn.tokenizer",
+    "TextDataset": "gptfn.data",
+    "TextDataLoader": "gptfn.data",
+    "TokenFileDataset": "gptfn.data",
+    "train_val_split": "gptfn.data",
+}
+_SUBMODULES = ("functional",)
+
+__all__ = sorted(_EXPORTS) + list(_SUBMODULES)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        value = importlib.import_module(f"gptfn.{name}")
+    elif name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    else:
+        raise AttributeError(f"module 'gptfn' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> List[str]:
+    return sorted(set(globals()) | set(__all__))
