@@ -49,7 +49,36 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-script", action="store_true", help="skip TorchScript")
     demo.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     demo.set_defaults(func=_cmd_demo)
+
+    prep = sub.add_parser(
+        "prepare",
+        help="tokenize text files into one uint16 token file + meta.json",
+        description="Tokenize text files (and directories, recursively) into OUT/tokens.bin "
+        "(uint16 ids, each file followed by <|endoftext|>) and OUT/meta.json (token count, "
+        "tokenizer, sha256, inputs, train/val split), streaming with bounded memory.",
+    )
+    prep.add_argument("inputs", nargs="+", metavar="INPUT", help="text file or directory")
+    prep.add_argument("--out", required=True, help="output directory (created if missing)")
+    prep.add_argument("--glob", default="*.txt", help="files to take from directories (*.txt)")
+    prep.add_argument("--encoding", default="gpt2", help="gpt2 (default), r50k_base, p50k_base")
+    prep.add_argument("--val-fraction", type=float, default=0.05,
+                      help="last fraction of tokens held out for validation (default 0.05)")
+    prep.add_argument("--errors", default="strict", choices=["strict", "replace", "ignore"],
+                      help="what to do with bytes that are not UTF-8 (default: stop with an error)")
+    prep.add_argument("--no-progress", action="store_true", help="no progress bar")
+    prep.set_defaults(func=_cmd_prepare)
     return parser
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from gptfn.prepare import describe, prepare
+
+    result = prepare(
+        args.inputs, args.out, tokenizer=args.encoding, val_fraction=args.val_fraction,
+        glob=args.glob, errors=args.errors, progress=not args.no_progress,
+    )
+    print(describe(result))
+    return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -1,0 +1,283 @@
+"""``gptfn prepare``: text files -> one flat uint16 token file + a small JSON, streaming.
+
+Output directory layout:
+
+- ``tokens.bin``: every token id as little-endian uint16, documents in input order, each
+  followed by ``<|endoftext|>`` (a file is a document);
+- ``meta.json``: token count, tokenizer, sha256 of ``tokens.bin``, the inputs, and the
+  train/validation split as token ranges (validation = the last ``val_fraction`` of tokens).
+
+Memory does not grow with the corpus: files are read in blocks, decoded incrementally,
+cut at places where GPT-2's pre-tokenizer always splits (so the tokens equal those of
+encoding the whole file at once) and written as they come. Both files are written under
+temporary names and renamed when complete; ``meta.json`` is renamed last and is what makes
+a directory a prepared corpus, so a killed run never leaves a file under a final name that
+a reader would take for whole. Imports no torch.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+import os
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from gptfn.fileio import atomic_path, atomic_write_text
+from gptfn.tokenizer import BPETokenizer
+
+TOKENS_NAME = "tokens.bin"
+META_NAME = "meta.json"
+FORMAT = "gptfn-tokens"
+TOKEN_DTYPE = np.dtype("<u2")
+BLOCK_BYTES = 1 << 18
+BATCH_BLOCKS = 8
+ENCODE_THREADS = min(8, os.cpu_count() or 1)
+
+# Places where GPT-2's pre-tokenizer always splits, whatever comes before or after:
+# - after a non-space x followed by " y" (y non-space): no piece runs from x into
+#   whitespace, and a single space before y is the start of y's piece;
+# - after "x\n" followed by y (x, y non-space): a newline between two non-spaces is a
+#   piece of its own, both inside the text and at the end of a cut-off block.
+# Text cut there encodes to exactly the tokens of the uncut text. (Python's \s covers
+# every character that the pre-tokenizer's \s does, so these cuts are conservative.)
+_SAFE_CUT = re.compile(r"\S(?= \S)|\S\n(?=\S)")
+
+
+def safe_cut(text: str, window: int = 4096) -> int:
+    """The last index in ``text`` where it may be cut without changing its tokens (0: none)."""
+    start = max(0, len(text) - window)
+    last = None
+    for last in _SAFE_CUT.finditer(text, start):
+        pass
+    if last is None:
+        return 0 if start == 0 else safe_cut(text[:start], window * 4)
+    return last.end()
+
+
+def find_inputs(inputs: Sequence[Union[str, Path]], glob: str = "*.txt") -> List[Path]:
+    """Files named, plus the files under each directory matching ``glob`` (recursively),
+    sorted within each directory; an error names an input that is missing or empty."""
+    files: List[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_file():
+            files.append(path)
+        elif path.is_dir():
+            found = sorted(p for p in path.rglob(glob) if p.is_file())
+            if not found:
+                raise ValueError(f"directory {path} holds no file matching {glob!r}")
+            files.extend(found)
+        else:
+            raise FileNotFoundError(f"input not found: {path}")
+    if not files:
+        raise ValueError("no input files given")
+    return files
+
+
+def iter_text_blocks(path: Path, errors: str = "strict", block_bytes: int = BLOCK_BYTES
+                     ) -> Iterator[Tuple[str, int]]:
+    """Yield (text, bytes consumed) blocks of a UTF-8 file, each cut at a safe place."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors=errors)
+    pending = ""
+    offset = 0
+    with open(path, "rb") as fh:
+        while True:
+            raw = fh.read(block_bytes)
+            final = not raw
+            held = len(decoder.getstate()[0])  # bytes of an unfinished character, from before
+            try:
+                pending += decoder.decode(raw, final=final)
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{path} is not valid UTF-8 (byte {offset - held + e.start}: {e.reason}); "
+                    "pass errors='replace' (--errors replace) to substitute U+FFFD"
+                ) from None
+            offset += len(raw)
+            if final:
+                if pending:
+                    yield pending, len(raw)
+                return
+            cut = safe_cut(pending) if len(pending) > block_bytes // 4 else 0
+            if cut:
+                yield pending[:cut], len(raw)
+                pending = pending[cut:]
+            elif len(raw):
+                yield "", len(raw)  # nothing safe to cut yet: report progress only
+
+
+@dataclass
+class PrepareResult:
+    out_dir: Path
+    token_count: int
+    seconds: float
+    meta: dict
+
+
+def prepare(
+    inputs: Sequence[Union[str, Path]],
+    out_dir: Union[str, Path],
+    tokenizer: Union[str, BPETokenizer] = "gpt2",
+    val_fraction: float = 0.05,
+    glob: str = "*.txt",
+    errors: str = "strict",
+    progress: bool = True,
+    on_block: Optional[Callable[[int], None]] = None,
+) -> PrepareResult:
+    """Tokenize ``inputs`` (files, or directories searched recursively with ``glob``) into
+    ``out_dir/tokens.bin`` + ``out_dir/meta.json``. See the module docstring."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if errors not in ("strict", "replace", "ignore"):
+        raise ValueError(f"errors must be 'strict', 'replace' or 'ignore', got {errors!r}")
+    tok = tokenizer if isinstance(tokenizer, BPETokenizer) else BPETokenizer(tokenizer)
+    if tok.n_vocab > 2**16:
+        raise ValueError(f"tokenizer {tok.name} has {tok.n_vocab} ids: too many for uint16")
+    files = find_inputs(inputs, glob)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    total_bytes = sum(f.stat().st_size for f in files)
+    started = time.perf_counter()
+    sha = hashlib.sha256()
+    count = 0
+    records: List[Dict[str, object]] = []
+    bar = _progress(total_bytes, progress)
+
+    def encode(text: str) -> np.ndarray:
+        # tiktoken's buffer encoder: ids straight into an array, no Python ints (less
+        # memory churn than encode_ordinary_batch); it releases the GIL, so threads help.
+        return tok.encoding.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+
+    pool = ThreadPoolExecutor(max_workers=ENCODE_THREADS)
+    try:
+        with atomic_path(out / TOKENS_NAME) as tmp_tokens, open(tmp_tokens, "wb") as fh:
+
+            def write(ids: Union[Sequence[int], np.ndarray]) -> None:
+                nonlocal count
+                arr = np.asarray(ids).astype(TOKEN_DTYPE)
+                fh.write(arr.tobytes())
+                sha.update(arr.tobytes())
+                count += arr.size
+
+            for path in files:
+                first = count
+                for texts, nbytes in _batched(iter_text_blocks(path, errors), BATCH_BLOCKS):
+                    for ids in pool.map(encode, texts):
+                        write(ids)
+                    bar.update(nbytes)
+                    if on_block is not None:
+                        on_block(count)
+                write([tok.eot_token])
+                records.append({"path": str(path), "bytes": path.stat().st_size,
+                                "tokens": count - first})
+            fh.flush()
+            meta = _meta(tok, count, sha.hexdigest(), val_fraction, records)
+            # meta.json marks a whole corpus: take the old one away before tokens.bin changes
+            (out / META_NAME).unlink(missing_ok=True)
+        atomic_write_text(out / META_NAME, json.dumps(meta, indent=2) + "\n")
+    finally:
+        pool.shutdown()
+        bar.close()
+    return PrepareResult(out, count, time.perf_counter() - started, meta)
+
+
+def _batched(blocks: Iterator[Tuple[str, int]], n: int) -> Iterator[Tuple[List[str], int]]:
+    texts: List[str] = []
+    nbytes = 0
+    for text, size in blocks:
+        if text:
+            texts.append(text)
+        nbytes += size
+        if len(texts) == n:
+            yield texts, nbytes
+            texts, nbytes = [], 0
+    if texts or nbytes:
+        yield texts, nbytes
+
+
+def _meta(tok: BPETokenizer, count: int, digest: str, val_fraction: float,
+          records: List[Dict[str, object]]) -> dict:
+    val_start = count - int(count * val_fraction)
+    return {
+        "format": FORMAT,
+        "version": 1,
+        "dtype": "uint16",
+        "tokenizer": tok.name,
+        "n_vocab": tok.n_vocab,
+        "eot_token": tok.eot_token,
+        "token_count": count,
+        "sha256": digest,
+        "val_fraction": val_fraction,
+        "splits": {"train": [0, val_start], "val": [val_start, count]},
+        "documents": "each input file is a document, followed by <|endoftext|>",
+        "inputs": records,
+    }
+
+
+def read_meta(out_dir: Union[str, Path]) -> dict:
+    """``meta.json`` of a prepared directory, checked against its token file's size."""
+    out = Path(out_dir)
+    meta_path = out / META_NAME
+    if not meta_path.is_file():
+        raise FileNotFoundError(
+            f"{out} is not a prepared corpus (no {META_NAME}); run: gptfn prepare INPUT --out {out}"
+        )
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{meta_path} is not valid JSON: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{meta_path} is not a gptfn token-file description")
+    size = (out / TOKENS_NAME).stat().st_size if (out / TOKENS_NAME).is_file() else None
+    if size != meta["token_count"] * TOKEN_DTYPE.itemsize:
+        raise ValueError(
+            f"{out / TOKENS_NAME} holds {size} bytes but {META_NAME} says "
+            f"{meta['token_count']} tokens ({meta['token_count'] * TOKEN_DTYPE.itemsize} bytes)"
+        )
+    return meta
+
+
+def verify(out_dir: Union[str, Path]) -> None:
+    """Recompute the sha256 of ``tokens.bin`` and compare it with ``meta.json``."""
+    meta = read_meta(out_dir)
+    sha = hashlib.sha256()
+    with open(Path(out_dir) / TOKENS_NAME, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            sha.update(block)
+    if sha.hexdigest() != meta["sha256"]:
+        raise ValueError(f"{Path(out_dir) / TOKENS_NAME}: sha256 does not match {META_NAME}")
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, desc="prepare", mininterval=0.5)
+
+
+def describe(result: PrepareResult) -> str:
+    meta = result.meta
+    train = meta["splits"]["train"]
+    val = meta["splits"]["val"]
+    return (
+        f"wrote {result.token_count:,} tokens ({meta['tokenizer']}) from "
+        f"{len(meta['inputs'])} file(s) to {result.out_dir / TOKENS_NAME} in "
+        f"{result.seconds:.1f} s; train {train[1] - train[0]:,} tokens, "
+        f"val {val[1] - val[0]:,}; sha256 {meta['sha256'][:16]}..."
+    )
