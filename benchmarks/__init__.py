@@ -1,0 +1,1 @@
+"""gptfn's benchmark suite: ``python -m benchmarks [WORKLOAD...] [--quick] [--out DIR]``."""

@@ -1,0 +1,44 @@
+"""``python -m benchmarks [WORKLOAD...] [--quick] [--out DIR] [--rounds N]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from benchmarks.harness import write_report
+
+WORKLOADS = ("tokenize", "prepare")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("workloads", nargs="*", metavar="WORKLOAD",
+                        help=f"any of {', '.join(WORKLOADS)} (default: all)")
+    parser.add_argument("--quick", action="store_true", help="small inputs, for CI (seconds)")
+    parser.add_argument("--out", default="runs/benchmarks", help="report directory")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="interleaved rounds (default 7, 3 with --quick)")
+    args = parser.parse_args(argv)
+    unknown = [w for w in args.workloads if w not in WORKLOADS]
+    if unknown:
+        parser.error(f"unknown workload(s) {', '.join(unknown)}; known: {', '.join(WORKLOADS)}")
+    rounds = args.rounds or (3 if args.quick else 7)
+    if rounds < 1:
+        parser.error("--rounds must be at least 1")
+    out = Path(args.out)
+    from benchmarks import tokenizer
+
+    for name in args.workloads or WORKLOADS:
+        if name == "tokenize":
+            result = tokenizer.bench_tokenize(args.quick, rounds)
+        else:
+            result = tokenizer.bench_prepare(args.quick)
+        write_report(out, name, result, result["table"])
+        print(result["table"])
+        print(f"(reports: {out / name}.json, {out / name}.md)\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Timing harness: warm-up, variants interleaved in rounds, medians and per-round ratios.
+
+Every variant runs once per round, in the same order (A B C, A B C, ...), so slow drifts of
+the machine (frequency, other load) hit all variants alike. A ratio is the median of the
+per-round ratios ``baseline_time / variant_time`` (> 1: faster than the baseline).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+
+@dataclass
+class Samples:
+    """Seconds per call of each variant, one entry per round."""
+
+    times: Dict[str, List[float]] = field(default_factory=dict)
+
+    def median(self, name: str) -> float:
+        return statistics.median(self.times[name])
+
+    def ratio(self, name: str, baseline: str) -> float:
+        """Median over rounds of baseline_time / variant_time."""
+        return statistics.median(
+            b / v for b, v in zip(self.times[baseline], self.times[name])
+        )
+
+
+def interleaved(
+    variants: Dict[str, Callable[[], object]],
+    rounds: int,
+    warmup: int = 1,
+    sync: Callable[[], None] = lambda: None,
+    progress: Optional[Callable[[str], None]] = None,
+) -> Samples:
+    """Time each variant ``rounds`` times, interleaved, after ``warmup`` untimed rounds."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    for _ in range(warmup):
+        for fn in variants.values():
+            fn()
+    sync()
+    samples = Samples({name: [] for name in variants})
+    for r in range(rounds):
+        for name, fn in variants.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            samples.times[name].append(time.perf_counter() - t0)
+        if progress is not None:
+            progress(f"round {r + 1}/{rounds}")
+    return samples
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> dict:
+    """What the figures depend on: versions, CPU, threads."""
+    env = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+    }
+    for module in ("torch", "transformers", "tiktoken", "numpy"):
+        mod = sys.modules.get(module)
+        if mod is not None:
+            env[module] = getattr(mod, "__version__", "?")
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        env["torch_threads"] = torch.get_num_threads()
+        if torch.cuda.is_available():
+            env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+def write_report(out_dir: Path, name: str, result: dict, table: str) -> None:
+    """``{name}.json`` (every raw sample and the environment) and ``{name}.md`` (the table)."""
+    from gptfn.fileio import atomic_write_text
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / f"{name}.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out_dir / f"{name}.md", table + "\n")
