@@ -33,6 +33,10 @@ _EXPORTS = {
     "TextDataLoader": "gptfn.data",
     "TokenFileDataset": "gptfn.data",
     "train_val_split": "gptfn.data",
+    "KVCache": "gptfn.kv_cache",
+    "generate": "gptfn.generation",
+    "stream": "gptfn.generation",
+    "left_pad": "gptfn.generation",
 }
 _SUBMODULES = ("functional",)
 

@@ -136,8 +136,8 @@ class GPTConfig:
             "attn_pdrop": self.dropout_rate,
             "layer_norm_epsilon": self.layer_norm_eps,
             "initializer_range": 0.02,
-            "bos_token_id": 50256,
-            "eos_token_id": 50256,
+            "bos_token_id": min(50256, self.vocab_size - 1),  # <|endoftext|>
+            "eos_token_id": min(50256, self.vocab_size - 1),
             "qkv_bias": self.qkv_bias,
             "tie_word_embeddings": True,
         }

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +21,9 @@ from torch import Tensor, nn
 from gptfn import functional as F
 from gptfn.config import GPTConfig, resolve_config
 from gptfn.params import init_params, num_params, validate_params
+
+if TYPE_CHECKING:
+    from gptfn.kv_cache import KVCache
 
 
 def _normal(shape, device, std: float = 0.02) -> nn.Parameter:
@@ -233,6 +236,19 @@ class GPTModel(nn.Module):
         for block in self.h:
             x = block(x)  # (B, T, C)
         return F.lm_head(x, self.ln_f.weight, self.ln_f.bias, self.wte.weight, self.eps)
+
+    # ------------------------------------------------------- cached inference
+    def prefill(self, idx: Tensor, cache: "KVCache", start: Optional[Tensor] = None):
+        """``gptfn.kv_cache.prefill`` with this model's parameters: (logits (B, V), cache)."""
+        from gptfn.kv_cache import prefill
+
+        return prefill(params_of(self), idx, cache, self.config, start)
+
+    def decode_step(self, token: Tensor, cache: "KVCache", input_pos: Tensor):
+        """``gptfn.kv_cache.decode_step`` with this model's parameters: (logits (B, V), cache)."""
+        from gptfn.kv_cache import decode_step
+
+        return decode_step(params_of(self), token, cache, input_pos, self.config)
 
     def num_params(self, include_embeddings: bool = True) -> int:
         return num_params(self.config, include_embeddings)

@@ -5,6 +5,7 @@ that unpacks a ``GPTConfig`` into the plain numbers ``gpt_logits`` takes.
 """
 
 from gptfn.functional.attention import (
+    attention_mask,
     causal_attention,
     merge_heads,
     multi_head_attention,
@@ -13,10 +14,12 @@ from gptfn.functional.attention import (
     split_heads,
 )
 from gptfn.functional.layers import dropout, feed_forward, gelu, layer_norm, linear
+from gptfn.functional.sampling import sample_next, top_k_filter, top_p_filter
 from gptfn.functional.model import (
     block_forward,
     check_idx,
     embed,
+    gpt_cached_logits,
     gpt_forward,
     gpt_logits,
     lm_head,
@@ -24,6 +27,7 @@ from gptfn.functional.model import (
 )
 
 __all__ = [
+    "attention_mask",
     "block_forward",
     "causal_attention",
     "check_idx",
@@ -31,6 +35,7 @@ __all__ = [
     "embed",
     "feed_forward",
     "gelu",
+    "gpt_cached_logits",
     "gpt_forward",
     "gpt_logits",
     "layer_norm",
@@ -41,5 +46,8 @@ __all__ = [
     "self_attention",
     "single_head_attention",
     "split_heads",
+    "sample_next",
+    "top_k_filter",
+    "top_p_filter",
     "transformer_block",
 ]

@@ -109,6 +109,10 @@ def multi_head_attention(
     num_heads: int,
     dropout_p: float = 0.0,
     training: bool = False,
+    k_cache: Optional[Tensor] = None,
+    v_cache: Optional[Tensor] = None,
+    input_pos: Optional[Tensor] = None,
+    attn_mask: Optional[Tensor] = None,
 ) -> Tensor:
     """GPT-2's causal multi-head attention: fused qkv, heads in parallel, output projection.
 
@@ -116,8 +120,13 @@ def multi_head_attention(
     checkpoint does. Dropout (training only) acts on the attention weights; the residual
     dropout after the projection belongs to ``transformer_block``.
 
+    With a KV cache (``k_cache``, ``v_cache``, ``input_pos`` and ``attn_mask`` all given) the
+    new keys and values are written into the cache at slots ``input_pos`` (in place: the
+    cache is state the caller passes in and keeps) and the queries attend over the whole
+    cache under ``attn_mask`` (see ``gptfn.functional.attention_mask``).
+
     Shapes: x (B, T, d_in), c_attn_weight (d_in, 3 d_out), c_proj_weight (d_out, d_out)
-    -> (B, T, d_out).
+    -> (B, T, d_out); caches (B, nh, T_max, hs), input_pos (T,), attn_mask (B, 1, T, T_max).
     """
     qkv = linear(x, c_attn_weight, c_attn_bias)  # (B, T, d_in) -> (B, T, 3 d_out)
     q, k, v = qkv.chunk(3, dim=-1)  # 3 x (B, T, d_out)
@@ -125,6 +134,30 @@ def multi_head_attention(
     k = split_heads(k, num_heads)  # (B, T, d_out) -> (B, nh, T, hs)
     v = split_heads(v, num_heads)  # (B, T, d_out) -> (B, nh, T, hs)
     p = dropout_p if training else 0.0
-    y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # (B, nh, T, hs)
+    if k_cache is not None and v_cache is not None and input_pos is not None:
+        k_cache[:, :, input_pos] = k  # (B, nh, T, hs) -> slots of (B, nh, T_max, hs)
+        v_cache[:, :, input_pos] = v
+        y = F.scaled_dot_product_attention(
+            q, k_cache, v_cache, attn_mask=attn_mask, dropout_p=p
+        )  # (B, nh, T, T_max) @ (B, nh, T_max, hs) -> (B, nh, T, hs)
+    else:
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # (B, nh, T, hs)
     y = merge_heads(y)  # (B, nh, T, hs) -> (B, T, d_out)
     return linear(y, c_proj_weight, c_proj_bias)  # (B, T, d_out) -> (B, T, d_out)
+
+
+def attention_mask(input_pos: Tensor, start: Tensor, max_len: int) -> Tensor:
+    """Which cache slots each new token may attend to, for left-padded rows.
+
+    Row b's real tokens occupy slots ``start[b]`` onward. A token at slot ``s`` attends to
+    slots ``j`` with ``start[b] <= j <= s``; a padding token (``s < start[b]``) attends to
+    itself only, so that its (unused) output stays finite.
+
+    Shapes: input_pos (T,), start (B,) -> (B, 1, T, T_max) bool.
+    """
+    j = torch.arange(max_len, device=input_pos.device)  # (T_max,)
+    s = input_pos.view(1, -1, 1)  # (1, T, 1)
+    causal = j.view(1, 1, -1) <= s  # (1, T, T_max)
+    real = j.view(1, 1, -1) >= start.view(-1, 1, 1)  # (B, 1, T_max)
+    itself = j.view(1, 1, -1) == s  # (1, T, T_max)
+    return (causal & (real | itself)).unsqueeze(1)  # (B, 1, T, T_max)

@@ -11,13 +11,13 @@ takes, because TorchScript cannot take a frozen dataclass as an argument.
 Symbols: B batch, T length, C width, V vocabulary size.
 """
 
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gptfn.functional.attention import multi_head_attention
+from gptfn.functional.attention import attention_mask, multi_head_attention
 from gptfn.functional.layers import dropout, feed_forward
 
 
@@ -82,11 +82,16 @@ def transformer_block(
     eps: float,
     dropout_p: float = 0.0,
     training: bool = False,
+    k_cache: Optional[Tensor] = None,
+    v_cache: Optional[Tensor] = None,
+    input_pos: Optional[Tensor] = None,
+    attn_mask: Optional[Tensor] = None,
 ) -> Tensor:
     """One pre-LN GPT-2 block: x + attn(ln_1(x)), then x + mlp(ln_2(x)).
 
     Dropout (training only) acts on the attention weights and on each branch's output
-    before it joins the residual stream.
+    before it joins the residual stream. The cache arguments go to
+    ``multi_head_attention``.
 
     Shapes: x (B, T, C) -> (B, T, C).
     """
@@ -94,7 +99,7 @@ def transformer_block(
     h = F.layer_norm(x, [c], ln_1_weight, ln_1_bias, eps)  # (B, T, C)
     h = multi_head_attention(
         h, c_attn_weight, c_attn_bias, attn_c_proj_weight, attn_c_proj_bias,
-        num_heads, dropout_p, training,
+        num_heads, dropout_p, training, k_cache, v_cache, input_pos, attn_mask,
     )  # (B, T, C)
     x = x + dropout(h, dropout_p, training)
     h = F.layer_norm(x, [c], ln_2_weight, ln_2_bias, eps)  # (B, T, C)
@@ -119,6 +124,10 @@ def block_forward(
     eps: float,
     dropout_p: float = 0.0,
     training: bool = False,
+    k_cache: Optional[Tensor] = None,
+    v_cache: Optional[Tensor] = None,
+    input_pos: Optional[Tensor] = None,
+    attn_mask: Optional[Tensor] = None,
 ) -> Tensor:
     """Block ``i`` of ``params``: reads ``h.{i}.*`` and calls ``transformer_block``.
 
@@ -143,6 +152,10 @@ def block_forward(
         eps,
         dropout_p,
         training,
+        k_cache,
+        v_cache,
+        input_pos,
+        attn_mask,
     )
 
 
@@ -166,6 +179,42 @@ def gpt_logits(
     x = embed(idx, pos, params["wte.weight"], params["wpe.weight"], dropout_p, training)  # (B, T, C)
     for i in range(num_layers):
         x = block_forward(params, i, x, num_heads, eps, dropout_p, training)  # (B, T, C)
+    return lm_head(x, params["ln_f.weight"], params["ln_f.bias"], params["wte.weight"], eps)
+
+
+def gpt_cached_logits(
+    params: Dict[str, Tensor],
+    idx: Tensor,
+    k_caches: List[Tensor],
+    v_caches: List[Tensor],
+    input_pos: Tensor,
+    start: Tensor,
+    num_layers: int,
+    num_heads: int,
+    eps: float,
+    last_only: bool = False,
+) -> Tensor:
+    """The forward pass of new tokens against a KV cache (inference: no dropout).
+
+    ``idx`` holds the tokens at cache slots ``input_pos`` (the same slots in every row);
+    row b's real tokens start at slot ``start[b]`` (left padding), so a token at slot s has
+    position s - start[b]. The keys and values of the new tokens are written into
+    ``k_caches[i]`` / ``v_caches[i]`` in place. ``idx`` is not checked here (callers check
+    once, outside the decode loop, to keep device syncs out of it). With ``last_only`` only
+    the last position's logits are computed (what prefill needs).
+
+    Shapes: idx (B, T), caches (B, nh, T_max, hs), input_pos (T,), start (B,)
+    -> logits (B, T, V), or (B, 1, V) with last_only.
+    """
+    pos = (input_pos.view(1, -1) - start.view(-1, 1)).clamp(min=0)  # (B, T)
+    mask = attention_mask(input_pos, start, k_caches[0].size(2))  # (B, 1, T, T_max)
+    x = embed(idx, pos, params["wte.weight"], params["wpe.weight"])  # (B, T, C)
+    for i in range(num_layers):
+        x = block_forward(
+            params, i, x, num_heads, eps, 0.0, False, k_caches[i], v_caches[i], input_pos, mask
+        )  # (B, T, C)
+    if last_only:
+        x = x[:, -1:]  # (B, T, C) -> (B, 1, C)
     return lm_head(x, params["ln_f.weight"], params["ln_f.bias"], params["wte.weight"], eps)
 
 

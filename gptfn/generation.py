@@ -1,0 +1,224 @@
+"""Text generation: prefill the prompt, then one decode step per new token.
+
+(This module is ``generation``, not ``generate``: a submodule of that name would shadow the
+function ``gptfn.generate`` on the package.)
+
+``generate(model, idx, max_new_tokens, ...)`` returns the full sequences, as the original
+design's generate did; ``stream(...)`` yields the new tokens (and their text) as they
+come. Both run the functional core on the model's parameters, with a static KV cache.
+With ``compile=True`` the decode step alone is compiled (``fullgraph=True``; CUDA graphs via
+``mode="reduce-overhead"`` on a GPU): its inputs keep their shapes from step to step and
+the position is a tensor, so it compiles once and never recompiles. Sampling, EOS checks
+and tokenization stay outside compiled code.
+
+A prompt longer than the context, or prompt + max_new_tokens beyond it, is an error:
+there is no sliding window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from gptfn.config import GPTConfig
+from gptfn.functional.model import check_idx
+from gptfn.functional.sampling import sample_next
+from gptfn.kv_cache import KVCache, decode_logits, prefill
+
+ModelLike = Union[nn.Module, Tuple[GPTConfig, Mapping[str, Tensor]]]
+
+
+def model_parts(model: ModelLike) -> Tuple[GPTConfig, Dict[str, Tensor]]:
+    """(config, params) of a GPTModel (compiled or not) or of a (config, params) pair."""
+    if isinstance(model, tuple) and len(model) == 2 and isinstance(model[0], GPTConfig):
+        return model[0], dict(model[1])
+    base = getattr(model, "_orig_mod", model)
+    config = getattr(base, "config", None)
+    if not isinstance(base, nn.Module) or not isinstance(config, GPTConfig):
+        raise ValueError("model must be a GPTModel or a (GPTConfig, params) pair")
+    return config, {k: v.detach() for k, v in base.state_dict().items()}
+
+
+def check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
+    """Raise ValueError naming the sampling argument that is out of range."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+        0.0 <= temperature < float("inf")
+    ):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0):
+        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+    if top_p is not None and (
+        isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0
+    ):
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> Tuple[Tensor, Tensor]:
+    """Prompts of different lengths -> (idx, attention_mask), left-padded with ``pad_id``.
+
+    Shapes: -> idx (B, T_max), attention_mask (B, T_max) with 0 on padding.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (an empty prompt was given)")
+    width = max(len(p) for p in prompts)
+    idx = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        idx[row, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+        mask[row, width - len(p):] = 1
+    return idx, mask
+
+
+def _pad_starts(attention_mask: Optional[Tensor], idx: Tensor) -> Tensor:
+    """(B,) first real position of each row, checking the mask is left padding."""
+    b, t = idx.shape
+    if attention_mask is None:
+        return torch.zeros(b, dtype=torch.long, device=idx.device)
+    if attention_mask.shape != idx.shape:
+        raise ValueError(
+            f"attention_mask must have the shape of idx {list(idx.shape)}, "
+            f"got {list(attention_mask.shape)}"
+        )
+    m = attention_mask.to(device=idx.device, dtype=torch.long)
+    if bool(((m != 0) & (m != 1)).any()):
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (tokens)")
+    start = t - m.sum(dim=1)  # (B,)
+    expected = (torch.arange(t, device=idx.device).view(1, -1) >= start.view(-1, 1)).long()
+    if not torch.equal(m, expected):
+        raise ValueError("attention_mask must be left padding: zeros, then ones, in each row")
+    if bool((start == t).any()):
+        raise ValueError("a row of attention_mask has no tokens (an empty prompt)")
+    return start
+
+
+def _compiled_decode(device: torch.device) -> Callable[..., Tensor]:
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    return torch.compile(decode_logits, fullgraph=True, dynamic=False, mode=mode)
+
+
+def generate_tokens(
+    model: ModelLike,
+    idx: Tensor,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    eos_id: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+    compile: bool = False,
+    attention_mask: Optional[Tensor] = None,
+) -> Iterator[Tensor]:
+    """Yield the next token of every row, one step at a time: (B,) int64 tensors.
+
+    Rows that produced ``eos_id`` produce ``eos_id`` from then on; the iterator stops
+    early once every row has. Arguments as for ``generate``.
+    """
+    config, params = model_parts(model)
+    check_sampling(temperature, top_k, top_p)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if idx.dim() == 2 and idx.size(1) == 0:
+        raise ValueError("the prompt is empty: give at least one token")
+    check_idx(idx, config.vocab_size, config.context_length)
+    b, t = idx.shape
+    if t + max_new_tokens > config.context_length:
+        raise ValueError(
+            f"prompt length {t} + max_new_tokens {max_new_tokens} = {t + max_new_tokens} "
+            f"exceeds context_length {config.context_length} (gptfn does not slide the window)"
+        )
+    if eos_id is not None and not 0 <= eos_id < config.vocab_size:
+        raise ValueError(f"eos_id {eos_id} is outside the vocab [0, {config.vocab_size})")
+    if max_new_tokens == 0:
+        return
+    wte = params["wte.weight"]
+    idx = idx.to(wte.device)
+    start = _pad_starts(attention_mask, idx)
+    decode = _compiled_decode(wte.device) if compile else decode_logits
+    k = top_k or 0
+    p = 1.0 if top_p is None else float(top_p)
+    with torch.no_grad():
+        cache = KVCache.create(config, b, t + max_new_tokens, dtype=wte.dtype, device=wte.device)
+        logits, cache = prefill(params, idx, cache, config, start)  # (B, V)
+        done = torch.zeros(b, dtype=torch.bool, device=wte.device)
+        for step in range(max_new_tokens):
+            token = sample_next(logits, float(temperature), k, p, generator)  # (B,)
+            if eos_id is not None:
+                token = torch.where(done, torch.full_like(token, eos_id), token)
+                done = done | (token == eos_id)
+            yield token
+            if step == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):
+                return
+            input_pos = torch.tensor([t + step], device=wte.device)  # (1,)
+            logits = decode(params, token.view(-1, 1), cache.keys, cache.values, input_pos,
+                            cache.start, config)  # (B, V)
+            if compile:
+                logits = logits.clone()  # CUDA graphs reuse their output buffer
+
+
+def generate(
+    model: ModelLike,
+    idx: Tensor,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    eos_id: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+    compile: bool = False,
+    attention_mask: Optional[Tensor] = None,
+) -> Tensor:
+    """Extend each row of ``idx`` by ``max_new_tokens`` tokens.
+
+    ``model`` is a GPTModel or a (config, params) pair. ``temperature == 0`` is greedy;
+    otherwise tokens are sampled (after ``top_k`` / ``top_p`` filtering) with ``generator``.
+    Rows that produce ``eos_id`` are padded with ``eos_id`` after it. For prompts of
+    different lengths, left-pad them (``left_pad``) and pass ``attention_mask``; each row
+    then gets the tokens it would get alone.
+
+    Shapes: idx (B, T) -> (B, T + max_new_tokens).
+    """
+    new = list(generate_tokens(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id,
+                               generator, compile, attention_mask))
+    device = new[0].device if new else idx.device
+    out = torch.full((idx.size(0), max_new_tokens), eos_id if eos_id is not None else 0,
+                     dtype=torch.long, device=device)
+    if new:
+        out[:, : len(new)] = torch.stack(new, dim=1)  # (B, steps)
+    return torch.cat([idx.to(device), out], dim=1)  # (B, T + max_new_tokens)
+
+
+@dataclass
+class StreamPiece:
+    """One step of streamed output: each row's new token id and the text it completes
+    (possibly "" while a multi-byte character is still incomplete)."""
+
+    ids: List[int]
+    texts: List[str]
+
+
+def stream(
+    model: ModelLike,
+    idx: Tensor,
+    max_new_tokens: int,
+    tokenizer=None,
+    **kwargs,
+) -> Iterator[StreamPiece]:
+    """Like ``generate``, but yield each step's tokens and decoded text as they come.
+
+    ``tokenizer`` defaults to GPT-2's BPE. The pieces of a row joined equal the decoding of
+    its new tokens. Keyword arguments are those of ``generate``.
+    """
+    if tokenizer is None:
+        from gptfn.tokenizer import BPETokenizer
+
+        tokenizer = BPETokenizer()
+    decoders = [tokenizer.decoder() for _ in range(idx.size(0))]
+    for token in generate_tokens(model, idx, max_new_tokens, **kwargs):
+        ids = token.tolist()
+        yield StreamPiece(ids, [d.push(i) for d, i in zip(decoders, ids)])
+    tails = [d.flush() for d in decoders]
+    if any(tails):
+        yield StreamPiece([], tails)
