@@ -8,7 +8,7 @@ from pathlib import Path
 
 from benchmarks.harness import write_report
 
-WORKLOADS = ("tokenize", "prepare")
+WORKLOADS = ("decode", "tokenize", "prepare")
 
 
 def main(argv=None) -> int:
@@ -17,6 +17,9 @@ def main(argv=None) -> int:
                         help=f"any of {', '.join(WORKLOADS)} (default: all)")
     parser.add_argument("--quick", action="store_true", help="small inputs, for CI (seconds)")
     parser.add_argument("--out", default="runs/benchmarks", help="report directory")
+    parser.add_argument("--model", default="gpt2", help="preset for model workloads (gpt2)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's own choice)")
     parser.add_argument("--rounds", type=int, default=None,
                         help="interleaved rounds (default 7, 3 with --quick)")
     args = parser.parse_args(argv)
@@ -27,10 +30,17 @@ def main(argv=None) -> int:
     if rounds < 1:
         parser.error("--rounds must be at least 1")
     out = Path(args.out)
-    from benchmarks import tokenizer
+    import torch
 
+    from benchmarks import decode, tokenizer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
     for name in args.workloads or WORKLOADS:
-        if name == "tokenize":
+        if name == "decode":
+            result = decode.bench_decode(args.quick, rounds, preset=args.model)
+        elif name == "tokenize":
             result = tokenizer.bench_tokenize(args.quick, rounds)
         else:
             result = tokenizer.bench_prepare(args.quick)

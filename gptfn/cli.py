@@ -46,9 +46,33 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--repeats", type=_positive_int, default=5, help="timed calls (default 5)")
     demo.add_argument("--seed", type=int, default=0, help="weights and input ids (default 0)")
     demo.add_argument("--threads", type=_positive_int, default=None, help="torch threads")
+    demo.add_argument("--new-tokens", type=int, default=64,
+                      help="greedy tokens to generate per row, 0 to skip (default 64)")
     demo.add_argument("--no-script", action="store_true", help="skip TorchScript")
     demo.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     demo.set_defaults(func=_cmd_demo)
+
+    gen = sub.add_parser(
+        "generate",
+        help="generate text from a prompt",
+        description="Generate text with a KV cache: greedy by default, or sampled with "
+        "--temperature / --top-k / --top-p. --model is a preset name (pretrained weights "
+        "looked up in gptfn's cache directory) or a checkpoint path.",
+    )
+    gen.add_argument("--model", default="gpt2", help=f"preset ({names}) or checkpoint path")
+    gen.add_argument("--prompt", default="Hello, I'm a language model,", help="the prompt text")
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=50, help="default 50")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens")
+    gen.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
+    gen.add_argument("--seed", type=int, default=0, help="sampling (and --random-init) seed")
+    gen.add_argument("--compile", action="store_true", help="compile the decode step")
+    gen.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: auto)")
+    gen.add_argument("--dtype", default=None, help="float32 (default), float16, bfloat16")
+    gen.add_argument("--stream", action="store_true", help="print tokens as they come")
+    gen.add_argument("--random-init", action="store_true",
+                     help="use random weights for a preset (no pretrained weights needed)")
+    gen.set_defaults(func=_cmd_generate)
 
     prep = sub.add_parser(
         "prepare",
@@ -70,6 +94,58 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from gptfn.generation import check_sampling, stream
+    from gptfn.tokenizer import BPETokenizer
+    from gptfn.weights.resolve import load_model, parse_device, parse_dtype
+
+    check_sampling(args.temperature, args.top_k, args.top_p)
+    device, dtype = parse_device(args.device), parse_dtype(args.dtype)
+    tokenizer = BPETokenizer()
+    ids = tokenizer.encode(args.prompt)
+    if not ids:
+        raise ValueError("the prompt is empty: give --prompt some text")
+    model = load_model(args.model, args.random_init, args.seed, dtype, device)
+    if model.config.vocab_size < tokenizer.n_vocab:
+        raise ValueError(
+            f"model vocab_size {model.config.vocab_size} is smaller than GPT-2's tokenizer "
+            f"({tokenizer.n_vocab} ids)"
+        )
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    idx = torch.tensor([ids], device=device)
+    if args.stream:
+        sys.stdout.write(args.prompt)
+        sys.stdout.flush()
+    pieces, stamps = [], [time.perf_counter()]
+    for piece in stream(
+        model, idx, args.max_new_tokens, tokenizer=tokenizer, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, eos_id=tokenizer.eot_token, generator=generator,
+        compile=args.compile,
+    ):
+        if piece.ids:
+            stamps.append(time.perf_counter())
+            if piece.ids[0] == tokenizer.eot_token:
+                break
+        pieces.append(piece.texts[0])
+        if args.stream:
+            sys.stdout.write(piece.texts[0])
+            sys.stdout.flush()
+    print(("" if args.stream else args.prompt + "".join(pieces)))
+    new = len(stamps) - 1
+    report = f"{new} new tokens; first token after {(stamps[1] - stamps[0]) * 1e3:.0f} ms" if new else "no new tokens"
+    if new >= 3:
+        first_step = stamps[2] - stamps[1]
+        rate = (new - 2) / (stamps[-1] - stamps[2]) if stamps[-1] > stamps[2] else float("inf")
+        report += (f"; first decode step {first_step:.2f} s"
+                   f"{' (includes compiling)' if args.compile else ''}; then {rate:.1f} tokens/s")
+    print(f"[{report}; model {args.model}, {device}, {dtype or torch.float32}]", file=sys.stderr)
+    return 0
+
+
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from gptfn.prepare import describe, prepare
 
@@ -85,14 +161,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
     from gptfn.config import GPTConfig
-    from gptfn.demo import format_table, run_demo
+    from gptfn.demo import format_generation, format_table, run_demo
     from pathlib import Path
 
     if not Path(args.model).exists():
         GPTConfig.from_preset(args.model)  # an unknown name fails here, before any work
     if args.threads:
         torch.set_num_threads(args.threads)
-    stages = run_demo(
+    stages, gen_stages = run_demo(
         model=args.model,
         batch_size=args.batch_size,
         seq_len=args.seq_len,
@@ -100,10 +176,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         do_script=not args.no_script,
         do_compile=not args.no_compile,
         seed=args.seed,
+        new_tokens=args.new_tokens,
     )
     print()
     print(format_table(stages, args.batch_size * args.seq_len))
-    return 0
+    if gen_stages:
+        print()
+        print(format_generation(gen_stages))
+    return 0 if all(s.same_tokens for s in gen_stages) else 1
 
 
 def main(argv: Optional[List[str]] = None) -> int:

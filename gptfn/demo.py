@@ -1,8 +1,9 @@
-"""The main job: one model end to end — build, count, forward, script, compile, timings.
+"""The main job: one model end to end — build, count, forward, script, compile, generate.
 
 ``gptfn demo`` (``make run``) runs it on the 124M preset with seeded random weights (real
 GPT-2 weights load the same way from a checkpoint path). Every variant's logits are
-checked against eager before its timing is reported.
+checked against eager before its timing is reported, and compiled generation must give
+the eager tokens. These are one run's figures; the benchmark suite measures properly.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -30,6 +31,28 @@ class Stage:
     @property
     def median_ms(self) -> float:
         return statistics.median(self.forward_ms)
+
+
+@dataclass
+class GenStage:
+    name: str
+    setup_s: float  # the first (untimed) run: warm-up, or compiling the decode step
+    prefill_ms: float
+    tokens_per_s: float  # decode steps only, batch x steps / time
+    same_tokens: bool = True  # as eager greedy
+
+
+def time_generation(net: GPTModel, idx: torch.Tensor, new_tokens: int, compile: bool):
+    """(tokens (B, new), prefill seconds, decode tokens/s) of one greedy run."""
+    from gptfn.generation import generate_tokens
+
+    stamps, tokens = [time.perf_counter()], []
+    for tok in generate_tokens(net, idx, new_tokens, compile=compile):
+        tokens.append(tok)
+        stamps.append(time.perf_counter())
+    steps = len(tokens) - 1  # the first token comes from prefill
+    rate = idx.size(0) * steps / (stamps[-1] - stamps[1]) if steps else float("nan")
+    return torch.stack(tokens, 1), stamps[1] - stamps[0], rate
 
 
 def _timed(fn: Callable[[], torch.Tensor], repeats: int) -> List[float]:
@@ -56,17 +79,25 @@ def run_demo(
     do_script: bool = True,
     do_compile: bool = True,
     seed: int = 0,
+    new_tokens: int = 64,
     log: Callable[[str], None] = print,
-) -> List[Stage]:
+) -> Tuple[List[Stage], List[GenStage]]:
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if repeats <= 0:
         raise ValueError(f"repeats must be positive, got {repeats}")
+    if new_tokens < 0:
+        raise ValueError(f"new_tokens must be >= 0, got {new_tokens}")
     t0 = time.perf_counter()
     net, origin = load_or_build(model, seed)
     cfg = net.config
     if not 0 < seq_len <= cfg.context_length:
         raise ValueError(f"seq_len must be in [1, {cfg.context_length}], got {seq_len}")
+    if seq_len + new_tokens > cfg.context_length:
+        raise ValueError(
+            f"seq_len {seq_len} + new_tokens {new_tokens} exceeds context_length "
+            f"{cfg.context_length}"
+        )
     build = Stage("eager", time.perf_counter() - t0)
     log(f"model      {model} ({origin})")
     log(
@@ -107,6 +138,26 @@ def run_demo(
                 f"{name:<10} ready in {stage.setup_s:.2f} s, forward {stage.median_ms:.1f} ms, "
                 f"max |logits - eager| {stage.max_abs_diff:.2e}"
             )
+    gen_stages = _generation(net, idx, new_tokens, do_compile, log) if new_tokens else []
+    return stages, gen_stages
+
+
+def _generation(net: GPTModel, idx: torch.Tensor, new_tokens: int, do_compile: bool, log):
+    log(f"generate   greedy, {new_tokens} new tokens per row, KV cache")
+    stages = []
+    ref = None
+    for name, compile in [("eager", False)] + ([("compiled", True)] if do_compile else []):
+        if compile:
+            log("compiling  the decode step (fullgraph=True); the first run compiles it")
+        t0 = time.perf_counter()
+        first, _, _ = time_generation(net, idx, new_tokens, compile)  # warm-up / compile
+        setup = time.perf_counter() - t0
+        tokens, prefill_s, rate = time_generation(net, idx, new_tokens, compile)
+        ref = tokens if ref is None else ref
+        same = torch.equal(tokens, ref) and torch.equal(first, ref)
+        stages.append(GenStage(name, setup, prefill_s * 1e3, rate, same))
+        log(f"{name:<11}decode {rate:.1f} tokens/s, prefill {prefill_s * 1e3:.0f} ms"
+            f"{'' if same else ', TOKENS DIFFER FROM EAGER'}")
     return stages
 
 
@@ -114,6 +165,20 @@ def _compile_and_warm(net: GPTModel, idx: torch.Tensor):
     compiled = torch.compile(net, fullgraph=True)
     compiled(idx)  # compile now, so the setup time holds all of it
     return compiled
+
+
+def format_generation(stages: List[GenStage]) -> str:
+    eager = stages[0].tokens_per_s
+    rows = [
+        "| generation | first run (s) | prefill (ms) | decode tokens/s | vs eager | tokens |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for s in stages:
+        rows.append(
+            f"| {s.name} | {s.setup_s:.2f} | {s.prefill_ms:.0f} | {s.tokens_per_s:.1f} | "
+            f"{s.tokens_per_s / eager:.2f}x | {'= eager' if s.same_tokens else 'DIFFER'} |"
+        )
+    return "\n".join(rows)
 
 
 def format_table(stages: List[Stage], tokens: int) -> str:

@@ -18,6 +18,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+import gptfn.cpu_gemv  # noqa: F401  (registers gptfn::gemv for one-row products)
 from gptfn.config import GPTConfig
 from gptfn.functional.model import check_idx, gpt_cached_logits
 

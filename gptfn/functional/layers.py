@@ -42,9 +42,31 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
 
     Shapes: x (..., in), weight (in, out), bias (out,) or None -> (..., out).
     """
+    if not torch.jit.is_scripting():
+        if one_cpu_row(x, weight):
+            y = torch.ops.gptfn.gemv(x.reshape(1, -1), weight, False)  # (1, in) -> (1, out)
+            y = y.view(x.shape[:-1] + (weight.size(1),))
+            return y if bias is None else y + bias
     # F.linear computes x @ W.T + b; W = weight.t() is a view, so this is one addmm
     # over the contiguous [in, out] weight: no copy, no transpose.
     return F.linear(x, weight.t(), bias)
+
+
+def one_cpu_row(x: Tensor, weight: Tensor) -> bool:
+    """Whether a product of ``x`` with ``weight`` goes to the op ``gptfn::gemv``: one row
+    of fp32 CPU data, a contiguous weight, no gradient needed, and the op registered (by
+    ``gptfn.cpu_gemv``, where numpy's BLAS is OpenBLAS). See ``gptfn/cpu_gemv.py`` for why.
+    Never true in TorchScript (callers check ``torch.jit.is_scripting()`` first).
+    """
+    return (
+        x.numel() == x.size(-1)
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and weight.is_contiguous()
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and hasattr(torch.ops.gptfn, "gemv")
+    )
 
 
 def feed_forward(

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gptfn.functional.attention import attention_mask, multi_head_attention
-from gptfn.functional.layers import dropout, feed_forward
+from gptfn.functional.layers import dropout, feed_forward, one_cpu_row
 
 
 def check_idx(idx: Tensor, vocab_size: int, context_length: int) -> None:
@@ -113,6 +113,14 @@ def lm_head(x: Tensor, ln_f_weight: Tensor, ln_f_bias: Tensor, wte: Tensor, eps:
     Shapes: x (B, T, C), wte (V, C) -> logits (B, T, V).
     """
     x = F.layer_norm(x, [x.size(-1)], ln_f_weight, ln_f_bias, eps)  # (B, T, C)
+    if not torch.jit.is_scripting():
+        if one_cpu_row(x, wte):  # one row: OpenBLAS GEMV (see gptfn/cpu_gemv.py)
+            if torch.compiler.is_compiling():
+                # inductor makes this one vectorized reduction over wte's contiguous rows,
+                # which streams faster than the BLAS call (benchmarks/decode.py)
+                return (x.unsqueeze(-2) * wte).sum(-1)  # (B, T, 1, C) * (V, C) -> (B, T, V)
+            logits = torch.ops.gptfn.gemv(x.reshape(1, -1), wte, True)  # (1, C) -> (1, V)
+            return logits.view(x.shape[:-1] + (wte.size(0),))
     return F.linear(x, wte)  # (B, T, C) @ (C, V) -> (B, T, V)
 
 
