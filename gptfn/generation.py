@@ -141,6 +141,11 @@ def generate_tokens(
     p = 1.0 if top_p is None else float(top_p)
     with torch.no_grad():
         cache = KVCache.create(config, b, t + max_new_tokens, dtype=wte.dtype, device=wte.device)
+        if compile and wte.device.type == "cuda":
+            # CUDA graphs copy inputs into static buffers at each replay unless told that
+            # they keep their address: the weights and the cache (written in place) do.
+            for tensor in [*params.values(), *cache.keys, *cache.values]:
+                torch._dynamo.mark_static_address(tensor)
         logits, cache = prefill(params, idx, cache, config, start)  # (B, V)
         done = torch.zeros(b, dtype=torch.bool, device=wte.device)
         for step in range(max_new_tokens):

@@ -191,3 +191,18 @@ def test_bad_padding_and_cache():
         KVCache.create(cfg, 2, 40)
     with pytest.raises(ValueError, match="model must be"):
         generate(object(), idx, 2)
+
+
+def test_gpt_forward_with_a_cache():
+    cfg = tiny_config()
+    _, params = model_and_params(cfg, seed=11)
+    idx = random_idx(cfg, 2, 10)
+    full = gpt_forward(params, idx, cfg)
+    cache = KVCache.create(cfg, 2, 16)
+    first = gpt_forward(params, idx[:, :6], cfg, cache=cache, input_pos=torch.arange(6))
+    rest = gpt_forward(params, idx[:, 6:], cfg, cache=cache, input_pos=torch.arange(6, 10))
+    torch.testing.assert_close(torch.cat([first, rest], 1), full, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="input_pos"):
+        gpt_forward(params, idx, cfg, cache=cache)
+    with pytest.raises(ValueError, match="input_pos must have shape"):
+        gpt_forward(params, idx, cfg, cache=cache, input_pos=torch.arange(3))

@@ -226,21 +226,37 @@ def gpt_cached_logits(
     return lm_head(x, params["ln_f.weight"], params["ln_f.bias"], params["wte.weight"], eps)
 
 
-def gpt_forward(params: Dict[str, Tensor], idx: Tensor, config, training: bool = False) -> Tensor:
+def gpt_forward(
+    params: Dict[str, Tensor],
+    idx: Tensor,
+    config,
+    training: bool = False,
+    cache=None,
+    input_pos: Optional[Tensor] = None,
+) -> Tensor:
     """GPT-2's forward pass: ``logits = gpt_forward(params, idx, config)``.
 
-    ``config`` is a ``gptfn.GPTConfig``. Dropout is active only when ``training``.
+    ``config`` is a ``gptfn.GPTConfig``. Dropout is active only when ``training``. With a
+    ``gptfn.KVCache`` and ``input_pos`` (the cache slots of ``idx``'s tokens) the keys and
+    values are written into the cache and attention covers everything cached so far.
 
-    Shapes: idx (B, T) -> logits (B, T, V).
+    Shapes: idx (B, T), input_pos (T,) -> logits (B, T, V).
     """
-    return gpt_logits(
-        params,
-        idx,
-        config.num_layers,
-        config.num_heads,
-        config.layer_norm_eps,
-        config.vocab_size,
-        config.context_length,
-        config.dropout_rate,
-        training,
+    if cache is None:
+        return gpt_logits(
+            params, idx, config.num_layers, config.num_heads, config.layer_norm_eps,
+            config.vocab_size, config.context_length, config.dropout_rate, training,
+        )
+    if input_pos is None:
+        raise ValueError("input_pos (the cache slots of idx's tokens) is needed with a cache")
+    if training:
+        raise ValueError("a KV cache is for inference: training must be False")
+    check_idx(idx, config.vocab_size, config.context_length)
+    if input_pos.shape != (idx.size(1),):
+        raise ValueError(
+            f"input_pos must have shape ({idx.size(1)},), got {list(input_pos.shape)}"
+        )
+    return gpt_cached_logits(
+        params, idx, cache.keys, cache.values, input_pos, cache.start,
+        config.num_layers, config.num_heads, config.layer_norm_eps,
     )
