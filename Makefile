@@ -1,7 +1,8 @@
 # Two commands on a fresh machine:
 #   make run    the main job: GPT-2 124M end to end (build, count, forward, script, compile, timings)
 #   make test   the whole test suite
-# Both create (or reuse) the virtual environment .venv and install what is needed. When the
+# Both create (or reuse) the virtual environment .venv and install gptfn with its test and
+# tf extras (tensorflow reads OpenAI's checkpoints in the tests). When the
 # environment has no torch, torch is installed first as the CPU wheel 2.13.0, so that the
 # open `torch>=` range in pyproject.toml never pulls a multi-GB CUDA build.
 
@@ -24,7 +25,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==$(TORCH_VERSION)"
-	$(PY) -m pip install -e ".[test]"
+	$(PY) -m pip install -e ".[test,tf]"
 	touch $(STAMP)
 
 clean:

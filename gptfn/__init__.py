@@ -34,6 +34,7 @@ _EXPORTS = {
     "TokenFileDataset": "gptfn.data",
     "train_val_split": "gptfn.data",
     "KVCache": "gptfn.kv_cache",
+    "download": "gptfn.weights.download",
     "generate": "gptfn.generation",
     "stream": "gptfn.generation",
     "left_pad": "gptfn.generation",

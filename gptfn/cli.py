@@ -74,6 +74,34 @@ def build_parser() -> argparse.ArgumentParser:
                      help="use random weights for a preset (no pretrained weights needed)")
     gen.set_defaults(func=_cmd_generate)
 
+    dl = sub.add_parser(
+        "download",
+        help="download GPT-2 weights into gptfn's cache (resumable)",
+        description="Download a GPT-2 model's files into gptfn's cache: the hub's "
+        "model.safetensors + config.json (--source hf), or OpenAI's TF release (--source "
+        "openai). Interrupted transfers resume; files already cached are not fetched again.",
+    )
+    dl.add_argument("name", metavar="NAME", help=names)
+    dl.add_argument("--source", default="hf", choices=["hf", "openai"], help="default hf")
+    dl.add_argument("--base-url", default=None,
+                    help="server to fetch from (default: the hub, or $HF_ENDPOINT; OpenAI's "
+                    "storage, or $GPTFN_OPENAI_BASE_URL)")
+    dl.add_argument("--cache-dir", default=None,
+                    help="cache directory (default $GPTFN_CACHE_DIR or ~/.cache/gptfn)")
+    dl.add_argument("--no-progress", action="store_true", help="no progress bars")
+    dl.set_defaults(func=_cmd_download)
+
+    conv = sub.add_parser(
+        "convert",
+        help="convert an OpenAI TF checkpoint to model.safetensors + config.json",
+        description="Read an OpenAI GPT-2 release directory (hparams.json + model.ckpt.*, "
+        "needs gptfn[tf]) and write the canonical layout that GPTModel.from_pretrained and HF "
+        "transformers read.",
+    )
+    conv.add_argument("checkpoint", metavar="TF_CHECKPOINT_DIR")
+    conv.add_argument("--out", required=True, help="output directory (created if missing)")
+    conv.set_defaults(func=_cmd_convert)
+
     prep = sub.add_parser(
         "prepare",
         help="tokenize text files into one uint16 token file + meta.json",
@@ -146,6 +174,26 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_download(args: argparse.Namespace) -> int:
+    from gptfn.weights.download import download
+
+    path = download(args.name, source=args.source, base_url=args.base_url,
+                    cache_dir=args.cache_dir, progress=not args.no_progress)
+    print(path)
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from gptfn.weights import save_params
+    from gptfn.weights.openai_tf import load_tf_checkpoint
+
+    config, params = load_tf_checkpoint(args.checkpoint)
+    out = save_params(params, args.out, config)
+    print(f"wrote {out / 'model.safetensors'} and {out / 'config.json'} "
+          f"({sum(t.numel() for t in params.values()):,} parameters)")
+    return 0
+
+
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from gptfn.prepare import describe, prepare
 
@@ -191,7 +239,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, OSError) as e:
+    except (ValueError, OSError, ImportError) as e:
         print(f"gptfn: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

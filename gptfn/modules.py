@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from gptfn import functional as F
-from gptfn.config import GPTConfig, resolve_config
+from gptfn.config import PRESET_ALIASES, PRESETS, GPTConfig, resolve_config
 from gptfn.params import init_params, num_params, validate_params
 
 if TYPE_CHECKING:
@@ -260,10 +260,19 @@ class GPTModel(nn.Module):
         path: Union[str, os.PathLike],
         dtype: Optional[torch.dtype] = None,
         device: Optional[Union[torch.device, str]] = None,
+        download: bool = True,
     ) -> "GPTModel":
-        """Load a ``.safetensors`` file (config.json beside it) or a directory holding both."""
+        """Load a checkpoint path (a ``.safetensors`` file with config.json beside it, a
+        directory holding both, or an OpenAI TF release directory), or a model name
+        (``gpt2`` ... ``gpt2-xl``, ``124M`` ...) from gptfn's cache, downloading it from the
+        hub first when it is not there and ``download`` is true."""
         from gptfn.weights import load_params
 
+        if not Path(path).exists() and str(path) in _MODEL_NAMES:
+            from gptfn.weights.download import download as fetch, plan
+
+            target, _ = plan(str(path))
+            path = fetch(str(path)) if download else target
         config, params = load_params(path, dtype=dtype, device=device)
         return cls(config, params=params).eval()
 
@@ -272,6 +281,9 @@ class GPTModel(nn.Module):
         from gptfn.weights import save_params
 
         return save_params(self.state_dict(), path, self.config)
+
+
+_MODEL_NAMES = frozenset(PRESETS) | frozenset(PRESET_ALIASES)
 
 
 def _check_length(x: Tensor, context_length: int) -> None:

@@ -31,6 +31,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Un
 import numpy as np
 
 from gptfn.fileio import atomic_path, atomic_write_text
+from gptfn.progress import byte_bar
 from gptfn.tokenizer import BPETokenizer
 
 TOKENS_NAME = "tokens.bin"
@@ -148,7 +149,7 @@ def prepare(
     sha = hashlib.sha256()
     count = 0
     records: List[Dict[str, object]] = []
-    bar = _progress(total_bytes, progress)
+    bar = byte_bar(total_bytes, progress, "prepare")
 
     def encode(text: str) -> np.ndarray:
         # tiktoken's buffer encoder: ids straight into an array, no Python ints (less
@@ -253,22 +254,6 @@ def verify(out_dir: Union[str, Path]) -> None:
             sha.update(block)
     if sha.hexdigest() != meta["sha256"]:
         raise ValueError(f"{Path(out_dir) / TOKENS_NAME}: sha256 does not match {META_NAME}")
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="B", unit_scale=True, desc="prepare", mininterval=0.5)
 
 
 def describe(result: PrepareResult) -> str:

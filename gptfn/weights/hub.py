@@ -93,23 +93,29 @@ def load_params(
     dtype: Optional[torch.dtype] = None,
     device: Optional[Union[torch.device, str]] = None,
 ) -> Tuple[GPTConfig, Dict[str, Tensor]]:
-    """Read a GPT-2 checkpoint: a ``.safetensors`` file with ``config.json`` beside it, or a
-    directory holding both (the hub's and ``save_pretrained``'s layout).
+    """Read a GPT-2 checkpoint: a ``.safetensors`` file with ``config.json`` beside it, a
+    directory holding both (the hub's and ``save_pretrained``'s layout), or an OpenAI TF
+    release directory (``hparams.json`` + ``model.ckpt.*``; needs ``gptfn[tf]``).
 
     Returns ``(config, params)`` with canonical keys, checked against the config. With no
     ``dtype``/``device`` the tensors are views of a copy-on-write memory map of the file
     (nothing is read until used); ``dtype=``/``device=`` convert.
     """
-    files, config_path = resolve_files(path)
-    config = GPTConfig.from_json(config_path)
-    tensors: Dict[str, Tensor] = {}
-    for f in files:
-        tensors.update(load_safetensors(f))
-    params = canonicalize(tensors)
-    try:
-        validate_params(params, config)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+    from gptfn.weights.openai_tf import is_tf_checkpoint_dir, load_tf_checkpoint
+
+    if is_tf_checkpoint_dir(path):
+        config, params = load_tf_checkpoint(path)
+    else:
+        files, config_path = resolve_files(path)
+        config = GPTConfig.from_json(config_path)
+        tensors: Dict[str, Tensor] = {}
+        for f in files:
+            tensors.update(load_safetensors(f))
+        params = canonicalize(tensors)
+        try:
+            validate_params(params, config)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
     if dtype is not None or device is not None:
         if dtype is not None and not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")

@@ -84,10 +84,9 @@ def load_model(
         where = pretrained_dir(model)
         if not (where / "model.safetensors").is_file() or not (where / "config.json").is_file():
             raise FileNotFoundError(
-                f"no pretrained weights for {model!r}: {where} holds no model.safetensors + "
-                f"config.json. Put the hub's files for {HF_REPOS[PRESET_ALIASES.get(model, model)]} "
-                "there (or set GPTFN_CACHE_DIR), give --model PATH to a checkpoint directory, "
-                "or pass --random-init to use random weights"
+                f"no pretrained weights for {model!r} in {where}: download them with "
+                f"`gptfn download {model}` (or set GPTFN_CACHE_DIR to a cache that has them), "
+                "give --model PATH to a checkpoint, or pass --random-init to use random weights"
             )
         net = GPTModel.from_pretrained(where, dtype=dtype, device=device)
     return net
