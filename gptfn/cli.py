@@ -102,6 +102,45 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--out", required=True, help="output directory (created if missing)")
     conv.set_defaults(func=_cmd_convert)
 
+    tr = sub.add_parser(
+        "train",
+        help="train or fine-tune a model",
+        description="Train from scratch (--init random) or fine-tune (--init gpt2 or a "
+        "checkpoint path). RUN_DIR receives model.safetensors + config.json, metrics.jsonl, "
+        "losses.png and a resumable checkpoint. Under torchrun, trains with "
+        "DistributedDataParallel (gloo on CPU, nccl on GPU).",
+    )
+    tr.add_argument("--data", required=True, help="text file or `gptfn prepare` directory")
+    tr.add_argument("--config", default=None,
+                    help="preset name or JSON file (with --init random; default gpt2)")
+    tr.add_argument("--out", required=True, help="run directory")
+    tr.add_argument("--init", default="random", help="random (default), a model name, or a path")
+    tr.add_argument("--max-steps", type=_positive_int, default=1000, help="default 1000")
+    tr.add_argument("--batch-size", type=_positive_int, default=8, help="per process (default 8)")
+    tr.add_argument("--grad-accum", type=_positive_int, default=1, help="default 1")
+    tr.add_argument("--context-length", type=_positive_int, default=None,
+                    help="window length (default: the model's context_length)")
+    tr.add_argument("--lr", type=float, default=6e-4, help="peak learning rate (default 6e-4)")
+    tr.add_argument("--warmup-steps", type=int, default=None,
+                    help="default: 10%% of --max-steps, at most 100")
+    tr.add_argument("--eval-interval", type=_positive_int, default=100, help="default 100")
+    tr.add_argument("--eval-batches", type=_positive_int, default=10, help="default 10")
+    tr.add_argument("--seed", type=int, default=0, help="weights, data order, dropout")
+    tr.add_argument("--device", default="auto", help="cpu, cuda (default: auto)")
+    tr.add_argument("--resume", action="store_true", help="continue from RUN_DIR's checkpoint")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tr.set_defaults(func=_cmd_train)
+
+    ev = sub.add_parser("eval", help="loss and perplexity of a model on a text or corpus",
+                        description="Mean next-token loss and perplexity over windows of DATA.")
+    ev.add_argument("--model", required=True, help="checkpoint path or model name")
+    ev.add_argument("--data", required=True, help="text file or `gptfn prepare` directory")
+    ev.add_argument("--context-length", type=_positive_int, default=None)
+    ev.add_argument("--batch-size", type=_positive_int, default=8)
+    ev.add_argument("--max-batches", type=_positive_int, default=None, help="default: all")
+    ev.add_argument("--device", default="auto")
+    ev.set_defaults(func=_cmd_eval)
+
     prep = sub.add_parser(
         "prepare",
         help="tokenize text files into one uint16 token file + meta.json",
@@ -192,6 +231,101 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     print(f"wrote {out / 'model.safetensors'} and {out / 'config.json'} "
           f"({sum(t.numel() for t in params.values()):,} parameters)")
     return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    import torch
+
+    from gptfn.config import GPTConfig
+    from gptfn.data import load_training_data
+    from gptfn.modules import GPTModel
+    from gptfn.tokenizer import BPETokenizer
+    from gptfn.train import TrainSettings, train
+    from gptfn.weights.resolve import load_model, parse_device
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = 0
+    device = parse_device(args.device)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        rank = dist.get_rank()
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+    try:
+        if args.init == "random":
+            spec = args.config or "gpt2"
+            config = (GPTConfig.from_json(spec) if Path(spec).is_file()
+                      else GPTConfig.from_preset(spec))
+            model = GPTModel(config, seed=args.seed)
+        else:
+            model = load_model(args.init)
+            if args.config is not None:
+                raise ValueError("--config goes with --init random; a pretrained model brings its own")
+        context = args.context_length or model.config.context_length
+        if context > model.config.context_length:
+            raise ValueError(f"--context-length {context} exceeds the model's context_length "
+                             f"{model.config.context_length}")
+        tokenizer = BPETokenizer()
+        train_set, val_set = load_training_data(args.data, context, tokenizer)
+        warmup = args.warmup_steps if args.warmup_steps is not None else min(100, args.max_steps // 10)
+        settings = TrainSettings(
+            max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+            lr=args.lr, warmup_steps=warmup, eval_interval=args.eval_interval,
+            eval_batches=args.eval_batches, seed=args.seed,
+        )
+        result = train(model, train_set, val_set, settings, args.out, tokenizer=tokenizer,
+                       resume=args.resume, device=device, rank=rank, world_size=world,
+                       progress=not args.no_progress)
+        if rank == 0 and result["metrics"]:
+            last = result["metrics"][-1]
+            print(f"trained {result['steps']} steps ({result['tokens']:,} tokens); final train "
+                  f"loss {last['train_loss']:.3f}, val loss {last['val_loss']:.3f}; model in {args.out}")
+    finally:
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import math
+    from pathlib import Path
+
+    from gptfn.data import TextDataset, TokenFileDataset
+    from gptfn.tokenizer import BPETokenizer
+    from gptfn.train import evaluate, fixed_batches
+    from gptfn.weights.resolve import load_model, parse_device
+
+    device = parse_device(args.device)
+    model = load_model(args.model, device=device)
+    context = args.context_length or model.config.context_length
+    if context > model.config.context_length:
+        raise ValueError(f"--context-length {context} exceeds the model's context_length "
+                         f"{model.config.context_length}")
+    path = Path(args.data)
+    if path.is_dir():
+        data = TokenFileDataset(path, context, split="all")
+    elif path.is_file():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        data = TextDataset(text, BPETokenizer(), context_size=context, stride=context)
+    else:
+        raise FileNotFoundError(f"no data at {path} (a text file or a prepared directory)")
+    batches = -(-len(data) // args.batch_size)
+    count = min(batches, args.max_batches or batches)
+    result = evaluate(model, fixed_batches(data, args.batch_size, count), device)
+    print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  "
+          f"({count} batches of up to {args.batch_size} x {context} tokens)")
+    return 0 if math.isfinite(result["loss"]) else 1
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:

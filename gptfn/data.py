@@ -229,3 +229,26 @@ class TokenFileDataset(Dataset):
         start = int(self.starts[i]) if self.starts is not None else i * self.stride
         w = torch.from_numpy(self.tokens[start:start + self.context_size + 1].astype(np.int64))
         return w[:-1], w[1:]
+
+
+def load_training_data(path: Union[str, Path], context_size: int, tokenizer=None,
+                       train_ratio: float = 0.9) -> Tuple[Dataset, Dataset]:
+    """(train, validation) windows of length ``context_size`` (stride = context_size) from a
+    ``gptfn prepare`` directory (its own split) or a UTF-8 text file (tokenized here; the
+    first ``train_ratio`` of the tokens train)."""
+    path = Path(path)
+    if path.is_dir():
+        return (TokenFileDataset(path, context_size, split="train"),
+                TokenFileDataset(path, context_size, split="val"))
+    if not path.is_file():
+        raise FileNotFoundError(f"no training data at {path} (a text file or a prepared directory)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    if not text:
+        raise ValueError(f"{path} is empty: there is nothing to train on")
+    ids = (tokenizer or BPETokenizer()).encode(text)
+    train_ids, val_ids = train_val_split(ids, train_ratio)
+    return (TextDataset(train_ids, context_size=context_size, stride=context_size),
+            TextDataset(val_ids, context_size=context_size, stride=context_size))

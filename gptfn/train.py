@@ -1,0 +1,330 @@
+"""Training and evaluation: losses, AdamW with warm-up + cosine decay, checkpoints, DDP.
+
+``train(model, train_set, val_set, settings, out_dir)`` runs ``settings.max_steps``
+optimizer steps. Each step takes a global batch of ``batch_size x grad_accum x world``
+windows; which windows is a pure function of (seed, step): an epoch-long permutation of
+the windows, drawn from the seed and the epoch, is cut into consecutive global batches and
+each process takes its own disjoint slice. So a run resumed from a checkpoint sees exactly
+the windows it would have seen, and N processes see exactly what one process with the same
+global batch sees.
+
+Every ``eval_interval`` steps (and at the end): train and validation loss over
+``eval_batches`` fixed batches, a line in ``metrics.jsonl``, ``losses.png``, a checkpoint,
+and a short greedy sample. Only rank 0 writes. A non-finite loss stops the run with an error
+before the optimizer touches the weights; the last checkpoint stays as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gptfn.checkpoint import has_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from gptfn.config import GPTConfig
+from gptfn.fileio import atomic_write_text
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainSettings:
+    max_steps: int = 1000
+    batch_size: int = 8  # windows per micro-batch, per process
+    grad_accum: int = 1
+    lr: float = 6e-4
+    min_lr: Optional[float] = None  # default lr / 10
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_interval: int = 100
+    eval_batches: int = 10
+    seed: int = 0
+    sample_prompt: str = "Every effort moves you"
+    sample_tokens: int = 20
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_batches"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip must be >= 0 (0: no clipping), got {self.grad_clip}")
+
+
+# ----------------------------------------------------------------------------- losses
+
+def calc_loss_batch(input_batch: Tensor, target_batch: Tensor, model: nn.Module,
+                    device) -> Tensor:
+    """Mean cross-entropy of next-token prediction over a batch (the original design's).
+
+    Shapes: input_batch, target_batch (B, T) -> scalar.
+    """
+    input_batch, target_batch = input_batch.to(device), target_batch.to(device)
+    logits = model(input_batch)  # (B, T, V)
+    return F.cross_entropy(logits.flatten(0, 1).float(), target_batch.flatten())
+
+
+def calc_loss_loader(data_loader: Iterable, model: nn.Module, device,
+                     num_batches: Optional[int] = None) -> float:
+    """Mean batch loss over the first ``num_batches`` batches (all if None); NaN if none."""
+    total, count = 0.0, 0
+    for i, (x, y) in enumerate(data_loader):
+        if num_batches is not None and i >= num_batches:
+            break
+        total += calc_loss_batch(x, y, model, device).item()
+        count += 1
+    return total / count if count else float("nan")
+
+
+def evaluate(model: nn.Module, data_loader: Iterable, device,
+             num_batches: Optional[int] = None) -> Dict[str, float]:
+    """Loss and perplexity over ``num_batches`` batches, in eval mode with no gradients."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        loss = calc_loss_loader(data_loader, model, device, num_batches)
+    model.train(was_training)
+    return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else float("inf")}
+
+
+# --------------------------------------------------------------------- optimisation
+
+def make_optimizer(model: nn.Module, s: TrainSettings) -> torch.optim.AdamW:
+    """AdamW with weight decay on the matrices (weights, embeddings) only."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": s.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}],
+        lr=s.lr, betas=(s.beta1, s.beta2),
+    )
+
+
+def lr_at(step: int, s: TrainSettings) -> float:
+    """Linear warm-up to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr``."""
+    min_lr = s.lr / 10 if s.min_lr is None else s.min_lr
+    if step < s.warmup_steps:
+        return s.lr * (step + 1) / s.warmup_steps
+    span = max(1, s.max_steps - s.warmup_steps)
+    progress = min(1.0, (step - s.warmup_steps) / span)
+    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (s.lr - min_lr)
+
+
+# ---------------------------------------------------------------------------- data
+
+class BatchSchedule:
+    """Which windows each (step, micro-batch, rank) trains on: see the module docstring."""
+
+    def __init__(self, num_windows: int, batch_size: int, grad_accum: int, world_size: int,
+                 seed: int):
+        self.n = num_windows
+        self.batch_size = batch_size
+        self.grad_accum = grad_accum
+        self.world = world_size
+        self.seed = seed
+        self.per_step = batch_size * grad_accum * world_size
+        if self.per_step > num_windows:
+            raise ValueError(
+                f"a global batch of {self.per_step} windows (batch_size {batch_size} x "
+                f"grad_accum {grad_accum} x {world_size} processes) is larger than the "
+                f"{num_windows} windows of the training data"
+            )
+        self._epoch = -1
+        self._perm = np.arange(0)
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            self._epoch = epoch
+        return self._perm
+
+    def indices(self, step: int, micro: int, rank: int) -> List[int]:
+        first = step * self.per_step + (rank * self.grad_accum + micro) * self.batch_size
+        out = []
+        for p in range(first, first + self.batch_size):
+            out.append(int(self._order(p // self.n)[p % self.n]))
+        return out
+
+
+def collate(dataset, indices: Sequence[int]) -> Tuple[Tensor, Tensor]:
+    pairs = [dataset[i] for i in indices]
+    return torch.stack([x for x, _ in pairs]), torch.stack([y for _, y in pairs])
+
+
+def fixed_batches(dataset, batch_size: int, count: int) -> List[Tuple[Tensor, Tensor]]:
+    """The first ``count`` batches of ``dataset`` in order (for evaluation)."""
+    n = len(dataset)
+    batches = []
+    for b in range(count):
+        idx = list(range(b * batch_size, min(n, (b + 1) * batch_size)))
+        if not idx:
+            break
+        batches.append(collate(dataset, idx))
+    return batches
+
+
+# --------------------------------------------------------------------------- train
+
+def train(
+    model: nn.Module,
+    train_set,
+    val_set,
+    settings: TrainSettings,
+    out_dir,
+    tokenizer=None,
+    resume: bool = False,
+    device=None,
+    rank: int = 0,
+    world_size: int = 1,
+    log=print,
+    progress: bool = True,
+) -> Dict[str, object]:
+    """Train ``model`` (a GPTModel) in place; see the module docstring. Returns a summary."""
+    from gptfn.plot import plot_losses
+
+    out = Path(out_dir)
+    config: GPTConfig = model.config
+    device = torch.device(device or "cpu")
+    if len(train_set) == 0 or len(val_set) == 0:
+        raise ValueError("the training and validation data must each hold at least one window")
+    schedule = BatchSchedule(len(train_set), settings.batch_size, settings.grad_accum,
+                             world_size, settings.seed)
+    model.to(device)
+    optimizer = make_optimizer(model, settings)
+    start, tokens = 0, 0
+    if resume and has_checkpoint(out):
+        ck = load_checkpoint(out)
+        if ck.config != config:
+            raise ValueError(
+                f"the checkpoint in {out} is for another model config ({ck.config}); this "
+                f"run's is {config}"
+            )
+        model.load_state_dict(ck.params)
+        optimizer.load_state_dict(ck.optimizer_state)
+        restore_rng(ck.rng)
+        start, tokens = int(ck.state["step"]), int(ck.state["tokens"])
+        if rank == 0:
+            _truncate_metrics(out / "metrics.jsonl", start)
+            log(f"resumed from {ck.path} at step {start}")
+    else:
+        torch.manual_seed(settings.seed + rank)  # dropout: a function of the seed (and rank)
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+    net = model
+    if world_size > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    eval_train = fixed_batches(train_set, settings.batch_size, settings.eval_batches)
+    eval_val = fixed_batches(val_set, settings.batch_size, settings.eval_batches)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _Null()
+    step_tokens = schedule.per_step * train_set.context_size
+    metrics: List[dict] = []
+    model.train()
+    bar = _bar(start, settings.max_steps, progress and rank == 0)
+    t_last = time.perf_counter()
+    for step in range(start, settings.max_steps):
+        lr = lr_at(step, settings)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        step_loss = 0.0
+        for micro in range(settings.grad_accum):
+            x, y = collate(train_set, schedule.indices(step, micro, rank))
+            sync = micro == settings.grad_accum - 1 or world_size == 1
+            with (_Null() if sync else net.no_sync()), autocast:
+                loss = calc_loss_batch(x, y, net, device) / settings.grad_accum
+            loss.backward()
+            step_loss += loss.item()
+        if not math.isfinite(step_loss):
+            optimizer.zero_grad(set_to_none=True)
+            kept = f"; the last good checkpoint is {load_checkpoint(out).path}" if has_checkpoint(out) else ""
+            raise TrainingDiverged(f"the loss is {step_loss} at step {step}: stopping{kept}")
+        if settings.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens += step_tokens
+        now = time.perf_counter()
+        bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{step_tokens / (now - t_last):,.0f}")
+        bar.update(1)
+        t_last = now
+        done = step + 1
+        if done % settings.eval_interval == 0 or done == settings.max_steps:
+            with autocast:
+                tr = evaluate(model, eval_train, device)["loss"]
+                va = evaluate(model, eval_val, device)["loss"]
+            row = {"step": done, "train_loss": tr, "val_loss": va, "tokens": tokens, "lr": lr}
+            metrics.append(row)
+            if rank == 0:
+                with open(out / "metrics.jsonl", "a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+                plot_losses(_read_metrics(out / "metrics.jsonl"), out / "losses.png")
+                save_checkpoint(out, model, optimizer, config, {
+                    "step": done, "tokens": tokens, "settings": asdict(settings),
+                    "data": {"seed": settings.seed, "windows_consumed": done * schedule.per_step},
+                })
+                sample = _sample(model, tokenizer, settings, device)
+                bar.write(f"step {done}: train {tr:.3f}, val {va:.3f}" + (f" | {sample!r}" if sample else ""))
+    bar.close()
+    if rank == 0:
+        model.save_pretrained(out)
+    return {"steps": settings.max_steps, "tokens": tokens, "metrics": metrics}
+
+
+def _sample(model, tokenizer, s: TrainSettings, device) -> Optional[str]:
+    if tokenizer is None or s.sample_tokens <= 0 or model.config.vocab_size < tokenizer.n_vocab:
+        return None
+    from gptfn.generation import generate
+
+    ids = tokenizer.encode(s.sample_prompt)
+    room = model.config.context_length - len(ids)
+    if not ids or room <= 0:
+        return None
+    was = model.training
+    model.eval()
+    out = generate(model, torch.tensor([ids], device=device), min(s.sample_tokens, room))
+    model.train(was)
+    return tokenizer.decode(out[0, len(ids):].tolist())
+
+
+def _read_metrics(path: Path) -> List[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metrics past the checkpoint's step (a crash after writing them), atomically."""
+    rows = [r for r in _read_metrics(path) if r["step"] <= step]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _bar(start: int, total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc="train", unit="step", disable=not enabled,
+                mininterval=0.5)
