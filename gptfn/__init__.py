@@ -35,7 +35,6 @@ _EXPORTS = {
     "train_val_split": "gptfn.data",
     "KVCache": "gptfn.kv_cache",
     "download": "gptfn.weights.download",
-    "train": "gptfn.train",
     "TrainSettings": "gptfn.train",
     "evaluate": "gptfn.train",
     "generate": "gptfn.generation",
