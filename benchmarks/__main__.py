@@ -8,7 +8,7 @@ from pathlib import Path
 
 from benchmarks.harness import write_report
 
-WORKLOADS = ("decode", "tokenize", "prepare")
+WORKLOADS = ("decode", "training", "tokenize", "prepare")
 
 
 def main(argv=None) -> int:
@@ -18,6 +18,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="small inputs, for CI (seconds)")
     parser.add_argument("--out", default="runs/benchmarks", help="report directory")
     parser.add_argument("--model", default="gpt2", help="preset for model workloads (gpt2)")
+    parser.add_argument("--device", default="cpu", help="device for model workloads (cpu)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's own choice)")
     parser.add_argument("--rounds", type=int, default=None,
@@ -32,7 +33,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     import torch
 
-    from benchmarks import decode, tokenizer
+    from benchmarks import decode, tokenizer, training
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -40,6 +41,8 @@ def main(argv=None) -> int:
     for name in args.workloads or WORKLOADS:
         if name == "decode":
             result = decode.bench_decode(args.quick, rounds, preset=args.model)
+        elif name == "training":
+            result = training.bench_training(args.quick, rounds, device=args.device)
         elif name == "tokenize":
             result = tokenizer.bench_tokenize(args.quick, rounds)
         else:

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from gptfn import functional as F
 from gptfn.config import PRESET_ALIASES, PRESETS, GPTConfig, resolve_config
+from gptfn.loss import linear_cross_entropy
 from gptfn.params import init_params, num_params, validate_params
 
 if TYPE_CHECKING:
@@ -228,14 +229,28 @@ class GPTModel(nn.Module):
         validate_params(params, self.config)
         self.load_state_dict(dict(params), strict=True, assign=True)
 
-    def forward(self, idx: Tensor) -> Tensor:
-        """Shapes: idx (B, T) -> logits (B, T, V)."""
+    def forward(self, idx: Tensor, targets: Optional[Tensor] = None) -> Tensor:
+        """Logits; or, given ``targets``, the mean next-token cross-entropy (a scalar),
+        computed by ``gptfn.loss.linear_cross_entropy`` without materialising the logits.
+
+        Shapes: idx (B, T) -> logits (B, T, V); targets (B, T) -> loss ().
+        """
         F.check_idx(idx, self.vocab_size, self.context_length)
         pos = torch.arange(idx.size(1), device=idx.device)  # (T,)
         x = F.embed(idx, pos, self.wte.weight, self.wpe.weight, self.dropout, self.training)
         for block in self.h:
             x = block(x)  # (B, T, C)
-        return F.lm_head(x, self.ln_f.weight, self.ln_f.bias, self.wte.weight, self.eps)
+        if targets is None:
+            return F.lm_head(x, self.ln_f.weight, self.ln_f.bias, self.wte.weight, self.eps)
+        if targets.shape != idx.shape:
+            raise ValueError(
+                f"targets must have the shape of idx {list(idx.shape)}, got {list(targets.shape)}"
+            )
+        x = F.final_norm(x, self.ln_f.weight, self.ln_f.bias, self.eps)  # (B, T, C)
+        if not torch.jit.is_scripting():
+            return linear_cross_entropy(x.flatten(0, 1), self.wte.weight, targets.flatten())
+        logits = F.tied_head(x, self.wte.weight)  # (B, T, V)
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
     # ------------------------------------------------------- cached inference
     def prefill(self, idx: Tensor, cache: "KVCache", start: Optional[Tensor] = None):

@@ -76,7 +76,11 @@ def calc_loss_batch(input_batch: Tensor, target_batch: Tensor, model: nn.Module,
 
     Shapes: input_batch, target_batch (B, T) -> scalar.
     """
+    from gptfn.modules import GPTModel
+
     input_batch, target_batch = input_batch.to(device), target_batch.to(device)
+    if isinstance(getattr(model, "module", model), GPTModel):
+        return model(input_batch, target_batch)  # the fused head + loss (gptfn.loss)
     logits = model(input_batch)  # (B, T, V)
     return F.cross_entropy(logits.flatten(0, 1).float(), target_batch.flatten())
 

@@ -19,10 +19,12 @@ from gptfn.functional.model import (
     block_forward,
     check_idx,
     embed,
+    final_norm,
     gpt_cached_logits,
     gpt_forward,
     gpt_logits,
     lm_head,
+    tied_head,
     transformer_block,
 )
 
@@ -34,6 +36,7 @@ __all__ = [
     "dropout",
     "embed",
     "feed_forward",
+    "final_norm",
     "gelu",
     "gpt_cached_logits",
     "gpt_forward",
@@ -49,5 +52,6 @@ __all__ = [
     "sample_next",
     "top_k_filter",
     "top_p_filter",
+    "tied_head",
     "transformer_block",
 ]

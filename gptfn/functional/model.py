@@ -112,7 +112,19 @@ def lm_head(x: Tensor, ln_f_weight: Tensor, ln_f_bias: Tensor, wte: Tensor, eps:
 
     Shapes: x (B, T, C), wte (V, C) -> logits (B, T, V).
     """
-    x = F.layer_norm(x, [x.size(-1)], ln_f_weight, ln_f_bias, eps)  # (B, T, C)
+    return tied_head(final_norm(x, ln_f_weight, ln_f_bias, eps), wte)
+
+
+def final_norm(x: Tensor, ln_f_weight: Tensor, ln_f_bias: Tensor, eps: float) -> Tensor:
+    """The last layer norm (``ln_f``). Shapes: (B, T, C) -> (B, T, C)."""
+    return F.layer_norm(x, [x.size(-1)], ln_f_weight, ln_f_bias, eps)
+
+
+def tied_head(x: Tensor, wte: Tensor) -> Tensor:
+    """Logits from final hidden states: ``x @ wte.T``.
+
+    Shapes: x (B, T, C), wte (V, C) -> (B, T, V).
+    """
     if not torch.jit.is_scripting():
         if one_cpu_row(x, wte):  # one row: OpenBLAS GEMV (see gptfn/cpu_gemv.py)
             if torch.compiler.is_compiling():
