@@ -56,10 +56,12 @@ def one_cpu_row(x: Tensor, weight: Tensor) -> bool:
     """Whether a product of ``x`` with ``weight`` goes to the op ``gptfn::gemv``: one row
     of fp32 CPU data, a contiguous weight, no gradient needed, and the op registered (by
     ``gptfn.cpu_gemv``, where numpy's BLAS is OpenBLAS). See ``gptfn/cpu_gemv.py`` for why.
-    Never true in TorchScript (callers check ``torch.jit.is_scripting()`` first).
+    Never true in TorchScript (callers check ``torch.jit.is_scripting()`` first) or under
+    ``torch.export``.
     """
     return (
-        x.numel() == x.size(-1)
+        not torch.compiler.is_exporting()  # exported programs stay pure aten (AOTI, C++)
+        and x.numel() == x.size(-1)
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and weight.dtype == torch.float32

@@ -1,0 +1,59 @@
+"""``python -m export torchscript|pt2|aoti --model NAME_OR_PATH [--random-init] --out PATH
+[--dtype D] [--device D] [--max-seq-len N]``: build, verify against eager, keep.
+
+Exit status 0 only after the artifact was verified; 1 when verification failed (nothing is
+kept); 2 for bad arguments, with a one-line error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("kind", choices=["torchscript", "pt2", "aoti"])
+    parser.add_argument("--model", default="gpt2", help="model name or checkpoint path (gpt2)")
+    parser.add_argument("--random-init", action="store_true",
+                        help="random weights for a preset (no pretrained weights needed)")
+    parser.add_argument("--out", required=True, help="artifact path (.pt or .pt2)")
+    parser.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--max-seq-len", type=int, default=None,
+                        help="longest sequence the artifact serves (default: context_length)")
+    parser.add_argument("--seed", type=int, default=0, help="--random-init weights, test inputs")
+    args = parser.parse_args(argv)
+    try:
+        import torch
+
+        from export.build import build, check_request
+        from export.verify import VerificationError, format_report, verify
+        from gptfn.fileio import atomic_write_text
+        from gptfn.weights.resolve import load_model, parse_device, parse_dtype
+
+        device, dtype = parse_device(args.device), parse_dtype(args.dtype)
+        out = Path(args.out)
+        model = load_model(args.model, args.random_init, args.seed, dtype, device)
+        max_seq_len = args.max_seq_len or model.config.context_length
+        check_request(model.config, out, max_seq_len, device, dtype)
+        with torch.no_grad():
+            report = build(args.kind, model, out, max_seq_len,
+                           lambda kind, paths: verify(kind, paths, model, max_seq_len, args.seed))
+        atomic_write_text(out.with_name(out.name + ".report.json"),
+                          json.dumps(report, indent=2, default=str) + "\n")
+        print(format_report(report))
+        print(f"verified and written: {', '.join(report['artifacts'])}")
+        return 0
+    except VerificationError as e:
+        print(f"export: verification failed, nothing kept: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError, ImportError) as e:
+        print(f"export: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
