@@ -115,3 +115,27 @@ def test_failed_verification_keeps_nothing(tiny_dir, tmp_path):
     with pytest.raises(VerificationError):
         build("torchscript", model, tmp_path / "gpt.pt", 32, reject)
     assert not list(tmp_path.iterdir())
+
+
+def test_cpp_example_generates_the_same_tokens(tiny_dir, tmp_path):
+    import shutil
+
+    if shutil.which(os.environ.get("CXX", "g++")) is None:
+        pytest.skip("no C++ compiler (g++) on this machine")
+    out = tmp_path / "gpt.pt"
+    r = export("torchscript", "--model", str(tiny_dir), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    binary = tmp_path / "gptfn_generate"
+    r = subprocess.run(["bash", str(ROOT / "export" / "cpp" / "build.sh"), sys.executable, str(binary)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    prompt = [5, 17, 42, 3, 88]
+    r = subprocess.run([str(binary), str(out), "20", *map(str, prompt)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    cpp_tokens = [int(t) for t in r.stdout.split()]
+    model = GPTModel.from_pretrained(tiny_dir)
+    assert cpp_tokens == generate(model, torch.tensor([prompt]), 20)[0].tolist()
+    r = subprocess.run([str(binary), str(tmp_path / "missing.pt"), "3", "1"], capture_output=True,
+                       text=True)
+    assert r.returncode == 1 and "cannot load" in r.stderr
