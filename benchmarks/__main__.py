@@ -8,7 +8,7 @@ from pathlib import Path
 
 from benchmarks.harness import write_report
 
-WORKLOADS = ("decode", "training", "tokenize", "prepare")
+WORKLOADS = ("decode", "prefill", "training", "loading", "tokenize", "prepare")
 
 
 def main(argv=None) -> int:
@@ -33,7 +33,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     import torch
 
-    from benchmarks import decode, tokenizer, training
+    from benchmarks import decode, loading, prefill, tokenizer, training
+    from benchmarks.plot import plot_result
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -41,6 +42,10 @@ def main(argv=None) -> int:
     for name in args.workloads or WORKLOADS:
         if name == "decode":
             result = decode.bench_decode(args.quick, rounds, preset=args.model)
+        elif name == "prefill":
+            result = prefill.bench_prefill(args.quick, rounds, preset=args.model)
+        elif name == "loading":
+            result = loading.bench_loading(args.quick, rounds, preset=args.model)
         elif name == "training":
             result = training.bench_training(args.quick, rounds, device=args.device)
         elif name == "tokenize":
@@ -48,8 +53,10 @@ def main(argv=None) -> int:
         else:
             result = tokenizer.bench_prepare(args.quick)
         write_report(out, name, result, result["table"])
+        plotted = plot_result(result, out / f"{name}.png")
         print(result["table"])
-        print(f"(reports: {out / name}.json, {out / name}.md)\n")
+        print(f"(reports: {out / name}.json, {out / name}.md"
+              f"{f', {out / name}.png' if plotted else ''})\n")
     return 0
 
 

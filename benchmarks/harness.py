@@ -72,12 +72,27 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_flags() -> list:
+    """The CPU features that decide kernel choice (from /proc/cpuinfo, where there is one)."""
+    wanted = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16")
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return [f for f in wanted if f in have]
+    except OSError:
+        pass
+    return []
+
+
 def environment() -> dict:
-    """What the figures depend on: versions, CPU, threads."""
+    """What the figures depend on: versions, CPU and its flags, threads, GPU."""
     env = {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "cpu": cpu_model(),
+        "cpu_flags": cpu_flags(),
         "cpu_count": os.cpu_count(),
     }
     for module in ("torch", "transformers", "tiktoken", "numpy"):
