@@ -42,6 +42,9 @@ def main(argv=None) -> int:
     for name in args.workloads or WORKLOADS:
         if name == "decode":
             result = decode.bench_decode(args.quick, rounds, preset=args.model)
+            _report(out, result, plot_result)
+            result = decode.bench_decode(args.quick, rounds, preset=args.model,
+                                         batch_size=4 if args.quick else 8)
         elif name == "prefill":
             result = prefill.bench_prefill(args.quick, rounds, preset=args.model)
         elif name == "loading":
@@ -52,12 +55,17 @@ def main(argv=None) -> int:
             result = tokenizer.bench_tokenize(args.quick, rounds)
         else:
             result = tokenizer.bench_prepare(args.quick)
-        write_report(out, name, result, result["table"])
-        plotted = plot_result(result, out / f"{name}.png")
-        print(result["table"])
-        print(f"(reports: {out / name}.json, {out / name}.md"
-              f"{f', {out / name}.png' if plotted else ''})\n")
+        _report(out, result, plot_result)
     return 0
+
+
+def _report(out: Path, result: dict, plot_result) -> None:
+    name = result["workload"]
+    write_report(out, name, result, result["table"])
+    plotted = plot_result(result, out / f"{name}.png")
+    print(result["table"])
+    print(f"(reports: {out / name}.json, {out / name}.md"
+          f"{f', {out / name}.png' if plotted else ''})\n")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ Variants, same weights and prompt, interleaved in rounds after a warm-up:
 - ``stream``: a plain sum over the same matrix: what the memory system delivers to a
   simple vectorized read (context for the GEMV figure, not a bound any BLAS reached).
 
-Decode tokens/s counts the steps after the first new token (which comes from the
+Run at batch 1 and batched (tokens/s then counts every row's tokens). Decode tokens/s
+counts the steps after the first new token (which comes from the
 prompt's forward pass) and is timed from token timestamps (HF: a streamer). MBU =
 (bytes of parameters and KV cache read per step) x tokens/s / GEMV bandwidth.
 """
@@ -76,7 +77,7 @@ def bandwidth_probes(mib: int = 256):
 
 
 def bench_decode(quick: bool, rounds: int, preset: str = "gpt2", prompt_len: int = 128,
-                 new_tokens: int = 64, log=print) -> dict:
+                 new_tokens: int = 64, batch_size: int = 1, log=print) -> dict:
     import transformers
 
     from gptfn import GPTConfig, GPTModel
@@ -94,7 +95,8 @@ def bench_decode(quick: bool, rounds: int, preset: str = "gpt2", prompt_len: int
     missing, unexpected = hf.transformer.load_state_dict(model.state_dict(), strict=False)
     if unexpected or any(not k.endswith(("attn.bias", "attn.masked_bias")) for k in missing):
         raise RuntimeError(f"HF model did not take gptfn's weights: {missing} {unexpected}")
-    idx = torch.randint(0, cfg.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    idx = torch.randint(0, cfg.vocab_size, (batch_size, prompt_len),
+                        generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(idx)
     rates: Dict[str, List[float]] = {"hf": [], "eager": [], "compiled": []}
     tokens: Dict[str, torch.Tensor] = {}
@@ -105,7 +107,7 @@ def bench_decode(quick: bool, rounds: int, preset: str = "gpt2", prompt_len: int
             for tok in generate_tokens(model, idx, new_tokens, compile=compile):
                 out.append(tok)
                 stamps.append(time.perf_counter())
-        rates[name].append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+        rates[name].append(batch_size * (len(stamps) - 1) / (stamps[-1] - stamps[0]))
         tokens[name] = torch.stack(out, 1)
 
     def run_hf():
@@ -115,11 +117,11 @@ def bench_decode(quick: bool, rounds: int, preset: str = "gpt2", prompt_len: int
                               min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
                               streamer=streamer)
         stamps = streamer.times[1:]  # the first put() is the prompt
-        rates["hf"].append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+        rates["hf"].append(batch_size * (len(stamps) - 1) / (stamps[-1] - stamps[0]))
         tokens["hf"] = out[:, prompt_len:]
 
     gemv, stream, probe_bytes = bandwidth_probes(32 if quick else 256)
-    log(f"decode: {preset if not quick else 'tiny'} fp32, batch 1, prompt {prompt_len}, "
+    log(f"decode: {preset if not quick else 'tiny'} fp32, batch {batch_size}, prompt {prompt_len}, "
         f"{new_tokens} new tokens, {rounds} interleaved rounds; compiling the decode step first")
     t0 = time.perf_counter()
     run_ours("compiled", True)  # compile outside the timed rounds
@@ -141,14 +143,15 @@ def bench_decode(quick: bool, rounds: int, preset: str = "gpt2", prompt_len: int
         raise RuntimeError("gptfn's greedy tokens differ from HF transformers'")
     bandwidth = [probe_bytes / t for t in samples.times["gemv"]]  # bytes/s per round
     streaming = [probe_bytes / t for t in samples.times["stream"]]
-    need = bytes_per_step(cfg, prompt_len + new_tokens, 1)
+    need = bytes_per_step(cfg, prompt_len + new_tokens, batch_size)
     step_bytes = need["params"] + need["cache"]
     per_round = Samples({k: [1.0 / r for r in v] for k, v in rates.items()})  # s per token
     rows = []
     for name in ("hf", "eager", "compiled"):
         r = sorted(rates[name])[len(rates[name]) // 2]
-        mbu = [step_bytes * rate / bw for rate, bw in zip(rates[name], bandwidth)]
-        of_stream = [step_bytes * rate / bw for rate, bw in zip(rates[name], streaming)]
+        steps = [rate / batch_size for rate in rates[name]]  # decode steps per second
+        mbu = [step_bytes * st / bw for st, bw in zip(steps, bandwidth)]
+        of_stream = [step_bytes * st / bw for st, bw in zip(steps, streaming)]
         rows.append({
             "variant": name,
             "tokens_per_s": r,
@@ -174,8 +177,9 @@ def bench_decode(quick: bool, rounds: int, preset: str = "gpt2", prompt_len: int
                f"{need['cache'] / 1e6:.0f} MB); decode-step compile + first run {compile_s:.1f} s"]
     )
     return {
-        "workload": "decode",
+        "workload": "decode" if batch_size == 1 else f"decode_b{batch_size}",
         "config": cfg.to_dict(),
+        "batch_size": batch_size,
         "prompt_len": prompt_len,
         "new_tokens": new_tokens,
         "rounds": rounds,

@@ -33,22 +33,26 @@ def test_openblas_threads_are_restored():
 
 
 def test_when_the_core_uses_it():
-    w = torch.randn(16, 8)
-    assert one_cpu_row(torch.randn(1, 1, 16), w)
-    assert not one_cpu_row(torch.randn(2, 1, 16), w)  # two rows: BLAS gemm via torch
-    assert not one_cpu_row(torch.randn(1, 16, dtype=torch.float64), w.double())
-    assert not one_cpu_row(torch.randn(1, 16), w.t().contiguous().t())  # not contiguous
-    assert not one_cpu_row(torch.randn(1, 16, requires_grad=True), w)  # gradient needed
+    from gptfn.functional.layers import GEMV_MIN_WEIGHT
+
+    w = torch.randn(1024, GEMV_MIN_WEIGHT // 1024)
+    assert one_cpu_row(torch.randn(1, 1, 1024), w)
+    assert not one_cpu_row(torch.randn(2, 1, 1024), w)  # two rows: BLAS gemm via torch
+    assert not one_cpu_row(torch.randn(1, 16), torch.randn(16, 8))  # too small to gain
+    assert not one_cpu_row(torch.randn(1, 1024, dtype=torch.float64), w.double())
+    assert not one_cpu_row(torch.randn(1, 1024), w.t().contiguous().t())  # not contiguous
+    assert not one_cpu_row(torch.randn(1, 1024, requires_grad=True), w)  # gradient needed
     with torch.no_grad():
-        assert one_cpu_row(torch.randn(1, 16, requires_grad=True), w)
+        assert one_cpu_row(torch.randn(1, 1024, requires_grad=True), w)
 
 
 def test_linear_and_head_agree_with_torch_and_keep_gradients():
-    x, w, b = torch.randn(1, 1, 32), torch.randn(32, 24), torch.randn(24)
-    torch.testing.assert_close(linear(x, w, b), torch.addmm(b, x[0], w)[None], atol=1e-5, rtol=1e-5)
-    wte, lw, lb = torch.randn(50, 32), torch.randn(32), torch.randn(32)
-    ln = torch.nn.functional.layer_norm(x, [32], lw, lb, 1e-5)
-    torch.testing.assert_close(lm_head(x, lw, lb, wte, 1e-5), ln @ wte.T, atol=1e-5, rtol=1e-5)
+    x, w, b = torch.randn(1, 1, 512), torch.randn(512, 1024), torch.randn(1024)
+    assert one_cpu_row(x, w)
+    torch.testing.assert_close(linear(x, w, b), torch.addmm(b, x[0], w)[None], atol=1e-4, rtol=1e-5)
+    wte, lw, lb = torch.randn(1024, 512), torch.randn(512), torch.randn(512)
+    ln = torch.nn.functional.layer_norm(x, [512], lw, lb, 1e-5)
+    torch.testing.assert_close(lm_head(x, lw, lb, wte, 1e-5), ln @ wte.T, atol=1e-4, rtol=1e-5)
     wg = w.clone().requires_grad_()
     linear(x, wg, b).sum().backward()  # the torch path, so autograd works
     assert wg.grad is not None
@@ -56,9 +60,10 @@ def test_linear_and_head_agree_with_torch_and_keep_gradients():
 
 def test_one_token_forward_matches_scripted_model():
     """Eager (gemv for one row) and TorchScript (never gemv) give the same logits."""
-    cfg = tiny_config()
+    cfg = tiny_config(embed_dim=256, num_heads=4, vocab_size=4096)  # weights large enough
     model = GPTModel(cfg, seed=0).eval()
     idx = random_idx(cfg, 1, 1)
     with torch.no_grad():
+        assert one_cpu_row(torch.randn(1, 1, 256), model.wte.weight)
         torch.testing.assert_close(model(idx), script(model)(idx), atol=1e-5, rtol=1e-5)
     assert "gptfn::gemv" not in str(script(model).graph)

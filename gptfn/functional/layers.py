@@ -52,9 +52,15 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     return F.linear(x, weight.t(), bias)
 
 
+# Below this many weights the op's fixed cost (a numpy call, holding OpenBLAS to one
+# thread) outweighs its faster streaming (measured crossover: 2-6e5 on this CPU).
+GEMV_MIN_WEIGHT = 1 << 19
+
+
 def one_cpu_row(x: Tensor, weight: Tensor) -> bool:
     """Whether a product of ``x`` with ``weight`` goes to the op ``gptfn::gemv``: one row
-    of fp32 CPU data, a contiguous weight, no gradient needed, and the op registered (by
+    of fp32 CPU data, a contiguous weight of at least ``GEMV_MIN_WEIGHT`` elements, no
+    gradient needed, and the op registered (by
     ``gptfn.cpu_gemv``, where numpy's BLAS is OpenBLAS). See ``gptfn/cpu_gemv.py`` for why.
     Never true in TorchScript (callers check ``torch.jit.is_scripting()`` first) or under
     ``torch.export``.
@@ -62,6 +68,7 @@ def one_cpu_row(x: Tensor, weight: Tensor) -> bool:
     return (
         not torch.compiler.is_exporting()  # exported programs stay pure aten (AOTI, C++)
         and x.numel() == x.size(-1)
+        and weight.numel() >= GEMV_MIN_WEIGHT
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
