@@ -29,3 +29,22 @@ def randomize_ln_and_biases(params, seed: int = 1):
             v = v + 0.1 * torch.randn(v.shape, generator=gen)
         out[k] = v
     return out
+
+
+def hf_model(cfg: GPTConfig, seed: int = 0):
+    """HF transformers' GPT2LMHeadModel for ``cfg``, seeded, with biases and layer norms
+    perturbed (HF initialises them to 0 and 1, which would hide a swapped key)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg.to_hf_dict())).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias") or ".ln_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def hf_logits(model, idx: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(idx).logits

@@ -12,25 +12,10 @@ from gptfn.weights.download import DownloadError, download, plan
 from gptfn.weights.hub import canonicalize
 from gptfn.weights.safetensors_io import save_safetensors
 from tests.fileserver import FileServer
-from tests.helpers import random_idx, randomize_ln_and_biases, tiny_config
+from tests.helpers import hf_logits, hf_model, random_idx, randomize_ln_and_biases, tiny_config
 
 transformers = pytest.importorskip("transformers")
 HUB = "/openai-community/gpt2/resolve/main/"
-
-
-def hf_model(cfg, seed=0):
-    torch.manual_seed(seed)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg.to_hf_dict())).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(".bias") or ".ln_" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
-
-
-def hf_logits(model, idx):
-    with torch.no_grad():
-        return model(idx).logits
 
 
 @pytest.fixture(scope="module")

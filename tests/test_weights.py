@@ -12,24 +12,9 @@ from hypothesis import strategies as st
 import gptfn
 from gptfn import GPTModel, gpt_forward, init_params, load_params, save_params
 from gptfn.weights import SafetensorsError, load_safetensors, save_safetensors
-from tests.helpers import random_idx, randomize_ln_and_biases, tiny_config
+from tests.helpers import hf_logits, hf_model, random_idx, randomize_ln_and_biases, tiny_config
 
 transformers = pytest.importorskip("transformers")
-
-
-def hf_model(cfg, seed=0):
-    torch.manual_seed(seed)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg.to_hf_dict())).eval()
-    with torch.no_grad():  # HF zero-initialises biases and sets LN to 1/0: perturb them
-        for name, p in model.named_parameters():
-            if name.endswith(".bias") or ".ln_" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
-
-
-def hf_logits(model, idx):
-    with torch.no_grad():
-        return model(idx).logits
 
 
 PARITY_CONFIGS = [
