@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import gptfn
 from gptfn import GPTModel, gpt_forward, init_params, load_params, save_params
-from gptfn.weights import SafetensorsError, load_safetensors, save_safetensors
+from gptfn.weights import SafetensorsError, save_safetensors
 from tests.helpers import hf_logits, hf_model, random_idx, randomize_ln_and_biases, tiny_config
 
 transformers = pytest.importorskip("transformers")
