@@ -8,7 +8,8 @@ from pathlib import Path
 
 from benchmarks.harness import write_report
 
-WORKLOADS = ("decode", "prefill", "training", "loading", "tokenize", "prepare")
+WORKLOADS = ("decode", "prefill", "training", "loading", "compile", "artifacts", "tokenize",
+             "prepare")
 
 
 def main(argv=None) -> int:
@@ -33,7 +34,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     import torch
 
-    from benchmarks import decode, loading, prefill, tokenizer, training
+    from benchmarks import artifacts, compile_time, decode, loading, prefill, tokenizer, training
     from benchmarks.plot import plot_result
 
     if args.threads:
@@ -49,6 +50,10 @@ def main(argv=None) -> int:
             result = prefill.bench_prefill(args.quick, rounds, preset=args.model)
         elif name == "loading":
             result = loading.bench_loading(args.quick, rounds, preset=args.model)
+        elif name == "compile":
+            result = compile_time.bench_compile(args.quick, preset=args.model)
+        elif name == "artifacts":
+            result = artifacts.bench_artifacts(args.quick, rounds, preset=args.model)
         elif name == "training":
             result = training.bench_training(args.quick, rounds, device=args.device)
         elif name == "tokenize":

@@ -9,6 +9,7 @@ METRICS = [  # (row key, axis label, higher is better)
     ("mb_per_s", "MB/s", True),
     ("ttft_ms", "time to first token (ms)", False),
     ("median_s", "seconds", False),
+    ("forward_ms", "forward (ms)", False),
 ]
 
 

@@ -35,6 +35,8 @@ def test_quick_suite_writes_reports(tmp_path):
         result = json.loads((tmp_path / f"{name}.json").read_text())
         assert result["rows"] and result["environment"]["cpu_count"] >= 1, name
         assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG", name
+    compiled = json.loads((tmp_path / "compile.json").read_text())
+    assert compiled["cold"]["graphs_after_warmup"] == compiled["warm"]["graphs_after_warmup"] == 0
     decode = json.loads((tmp_path / "decode.json").read_text())
     assert {r["variant"] for r in decode["rows"]} == {"hf", "eager", "compiled"}
 
