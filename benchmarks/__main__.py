@@ -8,8 +8,8 @@ from pathlib import Path
 
 from benchmarks.harness import write_report
 
-WORKLOADS = ("decode", "prefill", "training", "loading", "compile", "artifacts", "tokenize",
-             "prepare")
+WORKLOADS = ("decode", "prefill", "training", "loading", "compile", "artifacts", "memory",
+             "tokenize", "prepare")
 
 
 def main(argv=None) -> int:
@@ -34,7 +34,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     import torch
 
-    from benchmarks import artifacts, compile_time, decode, loading, prefill, tokenizer, training
+    from benchmarks import (artifacts, compile_time, decode, loading, memory, prefill, tokenizer,
+                            training)
     from benchmarks.plot import plot_result
 
     if args.threads:
@@ -52,6 +53,8 @@ def main(argv=None) -> int:
             result = loading.bench_loading(args.quick, rounds, preset=args.model)
         elif name == "compile":
             result = compile_time.bench_compile(args.quick, preset=args.model)
+        elif name == "memory":
+            result = memory.bench_memory(args.quick, preset=args.model)
         elif name == "artifacts":
             result = artifacts.bench_artifacts(args.quick, rounds, preset=args.model)
         elif name == "training":

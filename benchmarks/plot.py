@@ -10,6 +10,7 @@ METRICS = [  # (row key, axis label, higher is better)
     ("ttft_ms", "time to first token (ms)", False),
     ("median_s", "seconds", False),
     ("forward_ms", "forward (ms)", False),
+    ("peak_mb", "peak RSS (MB)", False),
 ]
 
 

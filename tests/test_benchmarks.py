@@ -31,10 +31,12 @@ def test_quick_suite_writes_reports(tmp_path):
     prepare = json.loads((tmp_path / "prepare.json").read_text())
     assert prepare["tokens"] > 0 and prepare["peak_rss_mb"] > 0
     assert (tmp_path / "tokenize.md").read_text().startswith("| variant |")
-    for name in ("decode", "prefill", "training", "loading"):
+    for name in ("decode", "prefill", "training", "loading", "artifacts", "memory"):
         result = json.loads((tmp_path / f"{name}.json").read_text())
         assert result["rows"] and result["environment"]["cpu_count"] >= 1, name
         assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG", name
+    memory = json.loads((tmp_path / "memory.json").read_text())
+    assert all(r["peak_mb"] >= r["after_build_mb"] > 0 for r in memory["rows"])
     compiled = json.loads((tmp_path / "compile.json").read_text())
     assert compiled["cold"]["graphs_after_warmup"] == compiled["warm"]["graphs_after_warmup"] == 0
     decode = json.loads((tmp_path / "decode.json").read_text())
