@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.harness import environment, interleaved
+from benchmarks.harness import environment, interleaved, quick_config
 
 
 def bench_artifacts(quick: bool, rounds: int, preset: str = "gpt2", log=print) -> dict:
@@ -23,8 +23,7 @@ def bench_artifacts(quick: bool, rounds: int, preset: str = "gpt2", log=print) -
     from gptfn import GPTConfig, GPTModel
 
     if quick:
-        cfg = GPTConfig(vocab_size=2048, context_length=64, embed_dim=64, num_layers=2,
-                        num_heads=4, dropout_rate=0.0)
+        cfg = quick_config(context_length=64, embed_dim=64)
         length, max_seq_len = 32, 64
     else:
         cfg = GPTConfig.from_preset(preset, dropout_rate=0.0)

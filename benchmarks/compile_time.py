@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 
-from benchmarks.harness import environment
+from benchmarks.harness import environment, quick_config
 
 PROBE = r"""
 import json, sys, time
@@ -60,8 +60,7 @@ def bench_compile(quick: bool, preset: str = "gpt2", log=print) -> dict:
     from gptfn import GPTConfig
 
     if quick:
-        cfg = GPTConfig(vocab_size=2048, context_length=256, embed_dim=128, num_layers=2,
-                        num_heads=4, dropout_rate=0.0)
+        cfg = quick_config()
         prompt, new = 16, 32
     else:
         cfg = GPTConfig.from_preset(preset, dropout_rate=0.0)

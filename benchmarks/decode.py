@@ -26,7 +26,7 @@ from typing import Dict, List
 
 import torch
 
-from benchmarks.harness import Samples, environment, interleaved
+from benchmarks.harness import Samples, environment, interleaved, quick_config
 
 
 class _Stamps:
@@ -84,8 +84,7 @@ def bench_decode(quick: bool, rounds: int, preset: str = "gpt2", prompt_len: int
     from gptfn.generation import generate_tokens
 
     if quick:
-        cfg = GPTConfig(vocab_size=2048, context_length=256, embed_dim=128, num_layers=2,
-                        num_heads=4, dropout_rate=0.0)
+        cfg = quick_config()
         prompt_len, new_tokens = 32, 16
     else:
         cfg = GPTConfig.from_preset(preset, dropout_rate=0.0)

@@ -114,3 +114,11 @@ def write_report(out_dir: Path, name: str, result: dict, table: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / f"{name}.json", json.dumps(result, indent=2) + "\n")
     atomic_write_text(out_dir / f"{name}.md", table + "\n")
+
+
+def quick_config(context_length: int = 256, embed_dim: int = 128, dropout_rate: float = 0.0):
+    """The tiny model every workload uses with --quick: 2 layers, 4 heads, 2048 tokens."""
+    from gptfn import GPTConfig
+
+    return GPTConfig(vocab_size=2048, context_length=context_length, embed_dim=embed_dim,
+                     num_layers=2, num_heads=4, dropout_rate=dropout_rate)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.harness import environment, interleaved
+from benchmarks.harness import environment, interleaved, quick_config
 
 
 def bench_loading(quick: bool, rounds: int, preset: str = "gpt2", log=print) -> dict:
@@ -22,8 +22,7 @@ def bench_loading(quick: bool, rounds: int, preset: str = "gpt2", log=print) -> 
 
     from gptfn import GPTConfig, GPTModel
 
-    cfg = (GPTConfig(vocab_size=2048, context_length=128, embed_dim=128, num_layers=2,
-                     num_heads=4, dropout_rate=0.0) if quick
+    cfg = (quick_config(context_length=128) if quick
            else GPTConfig.from_preset(preset, dropout_rate=0.0))
     idx = torch.zeros(1, 1, dtype=torch.long)
     transformers.logging.set_verbosity_error()

@@ -15,7 +15,7 @@ import os
 import subprocess
 import sys
 
-from benchmarks.harness import environment
+from benchmarks.harness import environment, quick_config
 
 PROBE = r"""
 import json, sys
@@ -72,8 +72,7 @@ def bench_memory(quick: bool, preset: str = "gpt2", log=print) -> dict:
     if not os.path.exists("/proc/self/status"):
         raise RuntimeError("the memory workload needs Linux's /proc/self/status")
     if quick:
-        cfg = GPTConfig(vocab_size=2048, context_length=128, embed_dim=64, num_layers=2,
-                        num_heads=4, dropout_rate=0.0)
+        cfg = quick_config(context_length=128, embed_dim=64)
         prompt, new, batch = 32, 16, 2
     else:
         cfg = GPTConfig.from_preset(preset, dropout_rate=0.0)

@@ -12,7 +12,7 @@ from typing import Dict, List
 
 import torch
 
-from benchmarks.harness import environment, interleaved
+from benchmarks.harness import environment, interleaved, quick_config
 
 
 def bench_prefill(quick: bool, rounds: int, preset: str = "gpt2", log=print) -> dict:
@@ -23,8 +23,7 @@ def bench_prefill(quick: bool, rounds: int, preset: str = "gpt2", log=print) -> 
     from gptfn.kv_cache import prefill
 
     if quick:
-        cfg = GPTConfig(vocab_size=2048, context_length=256, embed_dim=128, num_layers=2,
-                        num_heads=4, dropout_rate=0.0)
+        cfg = quick_config()
         lengths = [32, 128]
     else:
         cfg = GPTConfig.from_preset(preset, dropout_rate=0.0)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import Samples, environment, interleaved
+from benchmarks.harness import Samples, environment, interleaved, quick_config
 
 GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -39,8 +39,7 @@ def bench_training(quick: bool, rounds: int, device: str = "cpu", log=print) -> 
     from gptfn.train import TrainSettings, make_optimizer
 
     if quick:
-        cfg = GPTConfig(vocab_size=2048, context_length=64, embed_dim=64, num_layers=2,
-                        num_heads=4, dropout_rate=0.1)
+        cfg = quick_config(context_length=64, embed_dim=64, dropout_rate=0.1)
         batch, steps = 4, 2
     else:
         cfg = GPTConfig(vocab_size=50257, context_length=128, embed_dim=256, num_layers=4,
