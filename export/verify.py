@@ -53,13 +53,10 @@ def verify(kind: str, paths: List[Path], model, max_seq_len: int, seed: int = 0)
     forward_path = paths[0]
     if kind == "torchscript":
         art, load_s = _timed(lambda: load_torchscript(forward_path))
-        forward = art
     elif kind == "pt2":
         art, load_s = _timed(lambda: torch.export.load(str(forward_path)).module())
-        forward = art
     else:
         art, load_s = _timed(lambda: torch._inductor.aoti_load_package(str(forward_path)))
-        forward = art
     report: Dict[str, object] = {
         "kind": kind,
         "size_bytes": sum(Path(p).stat().st_size for p in paths),
@@ -70,7 +67,7 @@ def verify(kind: str, paths: List[Path], model, max_seq_len: int, seed: int = 0)
     with torch.no_grad():
         for i, length in enumerate(_lengths(max_seq_len)):
             idx = torch.randint(0, config.vocab_size, (2, length), generator=gen).to(device)
-            got, t = _timed(lambda: forward(idx))
+            got, t = _timed(lambda: art(idx))
             if i == 0:
                 report["first_call_s"] = t
             want = model(idx)

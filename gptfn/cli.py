@@ -296,10 +296,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     import math
-    from pathlib import Path
 
-    from gptfn.data import TextDataset, TokenFileDataset
-    from gptfn.tokenizer import BPETokenizer
+    from gptfn.data import load_windows
     from gptfn.train import evaluate, fixed_batches
     from gptfn.weights.resolve import load_model, parse_device
 
@@ -309,17 +307,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if context > model.config.context_length:
         raise ValueError(f"--context-length {context} exceeds the model's context_length "
                          f"{model.config.context_length}")
-    path = Path(args.data)
-    if path.is_dir():
-        data = TokenFileDataset(path, context, split="all")
-    elif path.is_file():
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
-        data = TextDataset(text, BPETokenizer(), context_size=context, stride=context)
-    else:
-        raise FileNotFoundError(f"no data at {path} (a text file or a prepared directory)")
+    data = load_windows(args.data, context)
     batches = -(-len(data) // args.batch_size)
     count = min(batches, args.max_batches or batches)
     result = evaluate(model, fixed_batches(data, args.batch_size, count), device)

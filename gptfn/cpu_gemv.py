@@ -5,7 +5,7 @@ and does little arithmetic on it, so its speed is the speed at which the GEMV ke
 streams the weights. torch 2.13's CPU build sends a one-row ``addmm`` to MKL's sgemv,
 which runs on one thread; on this project's 2-core AMD EPYC it streams ~19 GB/s, and
 so does HF transformers, which makes the same call. OpenBLAS (the copy numpy ships) runs
-the same product at ~38 GB/s on one thread (``benchmarks/decode.py`` measures the
+the same product at ~36 GB/s on one thread (``benchmarks/decode.py`` measures the
 difference in the same run).
 
 So when ``gptfn.functional.linear`` / ``lm_head`` get a single row of fp32 CPU data and

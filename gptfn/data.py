@@ -231,6 +231,28 @@ class TokenFileDataset(Dataset):
         return w[:-1], w[1:]
 
 
+def read_text(path: Union[str, Path]) -> str:
+    """A UTF-8 text file's contents; errors name the file (missing, not UTF-8, empty)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no data at {path} (a text file or a prepared directory)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    if not text:
+        raise ValueError(f"{path} is empty: there is nothing to train on or evaluate")
+    return text
+
+
+def load_windows(path: Union[str, Path], context_size: int, tokenizer=None) -> Dataset:
+    """Every window (stride = context_size) of a prepared directory or a text file."""
+    path = Path(path)
+    if path.is_dir():
+        return TokenFileDataset(path, context_size, split="all")
+    return TextDataset(read_text(path), tokenizer or BPETokenizer(), context_size, context_size)
+
+
 def load_training_data(path: Union[str, Path], context_size: int, tokenizer=None,
                        train_ratio: float = 0.9) -> Tuple[Dataset, Dataset]:
     """(train, validation) windows of length ``context_size`` (stride = context_size) from a
@@ -240,15 +262,7 @@ def load_training_data(path: Union[str, Path], context_size: int, tokenizer=None
     if path.is_dir():
         return (TokenFileDataset(path, context_size, split="train"),
                 TokenFileDataset(path, context_size, split="val"))
-    if not path.is_file():
-        raise FileNotFoundError(f"no training data at {path} (a text file or a prepared directory)")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
-    if not text:
-        raise ValueError(f"{path} is empty: there is nothing to train on")
-    ids = (tokenizer or BPETokenizer()).encode(text)
+    ids = (tokenizer or BPETokenizer()).encode(read_text(path))
     train_ids, val_ids = train_val_split(ids, train_ratio)
     return (TextDataset(train_ids, context_size=context_size, stride=context_size),
             TextDataset(val_ids, context_size=context_size, stride=context_size))

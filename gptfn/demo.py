@@ -16,7 +16,6 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from gptfn.config import GPTConfig
 from gptfn.modules import GPTModel
 from gptfn.scripting import script
 
@@ -66,9 +65,11 @@ def _timed(fn: Callable[[], torch.Tensor], repeats: int) -> List[float]:
 
 def load_or_build(model: str, seed: int) -> tuple[GPTModel, str]:
     """A checkpoint path, or a preset name with seeded random weights."""
-    if Path(model).exists():
-        return GPTModel.from_pretrained(model).eval(), f"weights from {model}"
-    return GPTModel(GPTConfig.from_preset(model), seed=seed).eval(), f"random weights, seed {seed}"
+    from gptfn.weights.resolve import load_model
+
+    from_path = Path(model).exists()
+    net = load_model(model, random_init=not from_path, seed=seed)
+    return net, f"weights from {model}" if from_path else f"random weights, seed {seed}"
 
 
 def run_demo(

@@ -27,6 +27,7 @@ from gptfn.config import GPTConfig
 from gptfn.functional.model import check_idx
 from gptfn.functional.sampling import sample_next
 from gptfn.kv_cache import KVCache, decode_logits, prefill
+from gptfn.modules import params_of
 
 ModelLike = Union[nn.Module, Tuple[GPTConfig, Mapping[str, Tensor]]]
 
@@ -39,7 +40,7 @@ def model_parts(model: ModelLike) -> Tuple[GPTConfig, Dict[str, Tensor]]:
     config = getattr(base, "config", None)
     if not isinstance(base, nn.Module) or not isinstance(config, GPTConfig):
         raise ValueError("model must be a GPTModel or a (GPTConfig, params) pair")
-    return config, {k: v.detach() for k, v in base.state_dict().items()}
+    return config, params_of(base)
 
 
 def check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from gptfn.checkpoint import has_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from gptfn.config import GPTConfig
 from gptfn.fileio import atomic_write_text
+from gptfn.modules import GPTModel
 
 
 class TrainingDiverged(RuntimeError):
@@ -76,8 +77,6 @@ def calc_loss_batch(input_batch: Tensor, target_batch: Tensor, model: nn.Module,
 
     Shapes: input_batch, target_batch (B, T) -> scalar.
     """
-    from gptfn.modules import GPTModel
-
     input_batch, target_batch = input_batch.to(device), target_batch.to(device)
     if isinstance(getattr(model, "module", model), GPTModel):
         return model(input_batch, target_batch)  # the fused head + loss (gptfn.loss)
