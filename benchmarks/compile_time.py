@@ -13,7 +13,9 @@ import os
 import subprocess
 import sys
 import tempfile
+from typing import Optional
 
+from benchmarks.device import Target
 from benchmarks.harness import environment, quick_config
 
 PROBE = r"""
@@ -25,8 +27,10 @@ from gptfn.generation import generate_tokens
 
 cfg = GPTConfig.from_dict(json.loads(sys.argv[1]))
 prompt, new = int(sys.argv[2]), int(sys.argv[3])
-model = GPTModel(cfg, seed=0).eval()
+device, dtype = torch.device(sys.argv[4]), getattr(torch, sys.argv[5])
+model = GPTModel(cfg, seed=0).eval().to(device=device, dtype=dtype)
 idx = torch.randint(0, cfg.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0))
+idx = idx.to(device)
 with torch.no_grad():
     t0 = time.perf_counter()
     for _ in generate_tokens(model, idx, new, compile=True):  # compiles the decode step
@@ -41,24 +45,29 @@ with torch.no_grad():
     compiled = torch.compile(model, fullgraph=True)
     t0 = time.perf_counter()
     compiled(idx)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     forward_s = time.perf_counter() - t0
 print(json.dumps({"decode_s": first_s - second_s, "forward_s": forward_s,
                   "graphs_after_warmup": graphs}))
 """
 
 
-def _probe(cfg_dict: dict, prompt: int, new: int, cache_dir: str) -> dict:
+def _probe(cfg_dict: dict, prompt: int, new: int, cache_dir: str, target: Target) -> dict:
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache_dir)
-    r = subprocess.run([sys.executable, "-c", PROBE, json.dumps(cfg_dict), str(prompt), str(new)],
-                       capture_output=True, text=True, env=env)
+    dtype = str(target.dtype).removeprefix("torch.")
+    r = subprocess.run([sys.executable, "-c", PROBE, json.dumps(cfg_dict), str(prompt), str(new),
+                        str(target.device), dtype], capture_output=True, text=True, env=env)
     if r.returncode != 0:
         raise RuntimeError(f"compile probe failed: {r.stderr.strip()[-2000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def bench_compile(quick: bool, preset: str = "gpt2", log=print) -> dict:
+def bench_compile(quick: bool, preset: str = "gpt2", target: Optional[Target] = None,
+                  log=print) -> dict:
     from gptfn import GPTConfig
 
+    target = target or Target.parse()
     if quick:
         cfg = quick_config()
         prompt, new = 16, 32
@@ -66,10 +75,11 @@ def bench_compile(quick: bool, preset: str = "gpt2", log=print) -> dict:
         cfg = GPTConfig.from_preset(preset, dropout_rate=0.0)
         prompt, new = 128, 128
     with tempfile.TemporaryDirectory(prefix="gptfn-inductor-") as cache:
-        log(f"compile: cold run (empty inductor cache), {new}-token generation after warm-up")
-        cold = _probe(cfg.to_dict(), prompt, new, cache)
+        log(f"compile: cold run (empty inductor cache) on {target.describe()}, {new}-token "
+            "generation after warm-up")
+        cold = _probe(cfg.to_dict(), prompt, new, cache, target)
         log("compile: warm run (the same cache, a new process)")
-        warm = _probe(cfg.to_dict(), prompt, new, cache)
+        warm = _probe(cfg.to_dict(), prompt, new, cache, target)
     rows = [
         {"what": "decode step (first generation minus the second)", "cold_s": cold["decode_s"],
          "warm_s": warm["decode_s"]},
@@ -79,5 +89,6 @@ def bench_compile(quick: bool, preset: str = "gpt2", log=print) -> dict:
     lines += [f"| {r['what']} | {r['cold_s']:.1f} | {r['warm_s']:.1f} |" for r in rows]
     lines += ["", f"graphs compiled during a second {new}-token generation: "
                   f"{cold['graphs_after_warmup']} (cold run), {warm['graphs_after_warmup']} (warm run)"]
-    return {"workload": "compile", "config": cfg.to_dict(), "cold": cold, "warm": warm,
+    return {"workload": "compile", "config": cfg.to_dict(), "device": str(target.device),
+            "dtype": target.dtype_name, "cold": cold, "warm": warm,
             "rows": rows, "environment": environment(), "table": "\n".join(lines)}

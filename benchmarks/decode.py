@@ -1,42 +1,50 @@
-"""Decode workload: tokens/s of batch-1 greedy generation against HF transformers.
+"""Decode workload: tokens/s of greedy generation against HF transformers.
 
-Variants, same weights and prompt, interleaved in rounds after a warm-up:
+Variants, same weights, dtype and prompt, interleaved in rounds after a warm-up:
 
 - ``hf``: HF transformers' ``GPT2LMHeadModel.generate`` (sdpa attention, dynamic cache),
   the peer;
+- ``hf_compiled``: the same with ``cache_implementation="static"``, which makes HF compile
+  its forward (``torch.compile``, mode reduce-overhead: CUDA graphs). On by default on CUDA;
+  ``--hf-compiled`` adds it on the CPU (mode default there);
 - ``eager``: ``gptfn.generate`` (static KV cache, functional core);
-- ``compiled``: the same with ``compile=True`` (decode step compiled; compile time is
-  measured apart, in the warm-up);
-- ``gemv``: the GEMV kernel gptfn's decode step streams its weights with (``gptfn::gemv``,
-  OpenBLAS, where registered; else ``torch.mv``) over a 256 MiB fp32 matrix with rows of
-  768: the bandwidth a batch-1 decode step can get, measured in the same rounds;
+- ``compiled``: the same with ``compile=True`` (decode step compiled, CUDA graphs on
+  CUDA; compile time is measured apart, before the rounds);
+- ``gemv``: a matrix-vector product over a 256 MiB matrix (1 GiB on CUDA) with rows of 768
+  at the run's dtype, with the kernel gptfn's decode step uses (on the CPU in fp32:
+  ``gptfn::gemv``, OpenBLAS, where registered; else ``torch.mv``): the bandwidth a
+  batch-1 decode step can get, measured in the same rounds;
 - ``stream``: a plain sum over the same matrix: what the memory system delivers to a
-  simple vectorized read (context for the GEMV figure, not a bound any BLAS reached).
+  simple vectorized read.
 
 Run at batch 1 and batched (tokens/s then counts every row's tokens). Decode tokens/s
-counts the steps after the first new token (which comes from the
-prompt's forward pass) and is timed from token timestamps (HF: a streamer). MBU =
-(bytes of parameters and KV cache read per step) x tokens/s / GEMV bandwidth.
+counts the steps after the first new token (which comes from the prompt's forward pass),
+timed from token timestamps (HF: a streamer) on the device's clock (CUDA events on a GPU).
+MBU = (bytes of parameters and KV cache read per step) x steps/s / bandwidth, where the
+bandwidth is the GEMV probe's on the CPU and the datasheet's on CUDA (``benchmarks.device``).
 """
 
 from __future__ import annotations
 
+import statistics
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
+from benchmarks.device import Clock, Target
 from benchmarks.harness import Samples, environment, interleaved, quick_config
 
 
 class _Stamps:
-    """An HF streamer that records when each new token arrives."""
+    """An HF streamer that stamps each new token on the device's clock."""
 
-    def __init__(self) -> None:
-        self.times: List[float] = []
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.times: List[object] = []
 
     def put(self, value) -> None:
-        self.times.append(time.perf_counter())
+        self.times.append(self.clock.stamp())
 
     def end(self) -> None:
         pass
@@ -54,16 +62,18 @@ def bytes_per_step(config, max_len: int, batch: int, itemsize: int = 4) -> Dict[
     return {"params": params, "cache": cache}
 
 
-def bandwidth_probes(mib: int = 256):
-    """Closures timing the GEMV kernel and a plain streaming read over ``mib`` MiB of fp32,
-    and the bytes each reads."""
+def bandwidth_probes(target: Target, mib: int = 256):
+    """Closures timing the GEMV kernel and a plain streaming read over ``mib`` MiB at the
+    target's dtype and device, and the bytes each reads."""
     import gptfn.cpu_gemv  # noqa: F401  (registers gptfn::gemv where OpenBLAS is there)
 
     cols = 768
-    rows = mib * (1 << 20) // (4 * cols)
-    w = torch.randn(rows, cols)
-    x = torch.randn(1, cols)
-    if gptfn.cpu_gemv.available():
+    itemsize = torch.empty(0, dtype=target.dtype).element_size()
+    rows = mib * (1 << 20) // (itemsize * cols)
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(rows, cols, generator=gen).to(target.device, target.dtype)
+    x = torch.randn(1, cols, generator=gen).to(target.device, target.dtype)
+    if not target.is_cuda and target.dtype == torch.float32 and gptfn.cpu_gemv.available():
         def gemv():
             torch.ops.gptfn.gemv(x, w, True)
     else:
@@ -73,16 +83,45 @@ def bandwidth_probes(mib: int = 256):
     def stream():
         w.sum()
 
-    return gemv, stream, w.numel() * 4
+    return gemv, stream, w.numel() * itemsize
+
+
+def hf_peer(cfg, model, target: Target):
+    """HF's GPT2LMHeadModel holding ``model``'s weights, on the target's device and dtype."""
+    import transformers
+
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg.to_hf_dict()))
+    missing, unexpected = hf.transformer.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any(not k.endswith(("attn.bias", "attn.masked_bias")) for k in missing):
+        raise RuntimeError(f"HF model did not take gptfn's weights: {missing} {unexpected}")
+    return hf.to(device=target.device, dtype=target.dtype).eval()
+
+
+def _hf_compile_kwargs(target: Target) -> dict:
+    """generate() arguments for HF's static cache + torch.compile path (auto-compiled on
+    CUDA with CUDA graphs; on the CPU only when asked, so it is asked, in mode default)."""
+    from transformers import CompileConfig
+
+    if target.is_cuda:
+        return {"cache_implementation": "static"}
+    config = CompileConfig(mode="default")
+    config._compile_all_devices = True  # HF's switch for compiling off accelerators
+    return {"cache_implementation": "static", "compile_config": config}
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm())
 
 
 def bench_decode(quick: bool, rounds: int, preset: str = "gpt2", prompt_len: int = 128,
-                 new_tokens: int = 64, batch_size: int = 1, log=print) -> dict:
-    import transformers
-
+                 new_tokens: int = 64, batch_size: int = 1, target: Optional[Target] = None,
+                 hf_compiled: Optional[bool] = None, log=print) -> dict:
     from gptfn import GPTConfig, GPTModel
     from gptfn.generation import generate_tokens
 
+    target = target or Target.parse()
+    hf_compiled = target.is_cuda if hf_compiled is None else hf_compiled
     if quick:
         cfg = quick_config()
         prompt_len, new_tokens = 32, 16
@@ -90,94 +129,116 @@ def bench_decode(quick: bool, rounds: int, preset: str = "gpt2", prompt_len: int
         cfg = GPTConfig.from_preset(preset, dropout_rate=0.0)
     torch.manual_seed(0)
     model = GPTModel(cfg, seed=0).eval()
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg.to_hf_dict())).eval()
-    missing, unexpected = hf.transformer.load_state_dict(model.state_dict(), strict=False)
-    if unexpected or any(not k.endswith(("attn.bias", "attn.masked_bias")) for k in missing):
-        raise RuntimeError(f"HF model did not take gptfn's weights: {missing} {unexpected}")
+    hf = hf_peer(cfg, model, target)
+    model = model.to(device=target.device, dtype=target.dtype)
     idx = torch.randint(0, cfg.vocab_size, (batch_size, prompt_len),
-                        generator=torch.Generator().manual_seed(0))
+                        generator=torch.Generator().manual_seed(0)).to(target.device)
     mask = torch.ones_like(idx)
-    rates: Dict[str, List[float]] = {"hf": [], "eager": [], "compiled": []}
+    clock = target.clock()
+    names = ["hf"] + (["hf_compiled"] if hf_compiled else []) + ["eager", "compiled"]
+    rates: Dict[str, List[float]] = {name: [] for name in names}
     tokens: Dict[str, torch.Tensor] = {}
+
+    def rate(stamps) -> float:
+        return batch_size * (len(stamps) - 1) / clock.seconds(stamps[0], stamps[-1])
 
     def run_ours(name: str, compile: bool):
         stamps, out = [], []
         with torch.no_grad():
             for tok in generate_tokens(model, idx, new_tokens, compile=compile):
                 out.append(tok)
-                stamps.append(time.perf_counter())
-        rates[name].append(batch_size * (len(stamps) - 1) / (stamps[-1] - stamps[0]))
-        tokens[name] = torch.stack(out, 1)
+                stamps.append(clock.stamp())
+        rates[name].append(rate(stamps))
+        tokens[name] = torch.stack(out, 1).cpu()
 
-    def run_hf():
-        streamer = _Stamps()
+    def run_hf(name: str, extra: dict):
+        streamer = _Stamps(clock)
         with torch.no_grad():
             out = hf.generate(idx, attention_mask=mask, max_new_tokens=new_tokens,
                               min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-                              streamer=streamer)
-        stamps = streamer.times[1:]  # the first put() is the prompt
-        rates["hf"].append(batch_size * (len(stamps) - 1) / (stamps[-1] - stamps[0]))
-        tokens["hf"] = out[:, prompt_len:]
+                              streamer=streamer, **extra)
+        rates[name].append(rate(streamer.times[1:]))  # the first put() is the prompt
+        tokens[name] = out[:, prompt_len:].cpu()
 
-    gemv, stream, probe_bytes = bandwidth_probes(32 if quick else 256)
-    log(f"decode: {preset if not quick else 'tiny'} fp32, batch {batch_size}, prompt {prompt_len}, "
-        f"{new_tokens} new tokens, {rounds} interleaved rounds; compiling the decode step first")
-    t0 = time.perf_counter()
-    run_ours("compiled", True)  # compile outside the timed rounds
-    compile_s = time.perf_counter() - t0
-    log(f"  compile + first run: {compile_s:.1f} s")
-    for v in rates.values():
-        v.clear()
+    gemv, stream, probe_bytes = bandwidth_probes(target, 32 if quick else
+                                                 (1024 if target.is_cuda else 256))
+    log(f"decode: {preset if not quick else 'tiny'} on {target.describe()}, batch {batch_size}, "
+        f"prompt {prompt_len}, {new_tokens} new tokens, {rounds} interleaved rounds; "
+        "compiling first")
+    compile_s = {}
+    static = _hf_compile_kwargs(target) if hf_compiled else {}
+    for name, first in (("compiled", lambda: run_ours("compiled", True)),
+                        ("hf_compiled", lambda: run_hf("hf_compiled", static))):
+        if name in rates:
+            t0 = time.perf_counter()
+            first()  # compile outside the timed rounds
+            compile_s[name] = time.perf_counter() - t0
+            log(f"  {name}: compile + first run {compile_s[name]:.1f} s")
     variants = {
-        "hf": run_hf,
+        "hf": lambda: run_hf("hf", {}),
+        "hf_compiled": lambda: run_hf("hf_compiled", static),
         "eager": lambda: run_ours("eager", False),
         "compiled": lambda: run_ours("compiled", True),
         "gemv": gemv,
         "stream": stream,
     }
-    samples = interleaved(variants, rounds=rounds, warmup=1, progress=lambda m: log(f"  {m}"))
+    variants = {k: v for k, v in variants.items() if k in rates or k in ("gemv", "stream")}
+    for v in rates.values():
+        v.clear()
+    samples = interleaved(variants, rounds=rounds, warmup=1, clock=clock,
+                          progress=lambda m: log(f"  {m}"))
     for v in rates.values():
         del v[0]  # the warm-up round
-    if not (torch.equal(tokens["eager"], tokens["hf"]) and torch.equal(tokens["compiled"], tokens["hf"])):
-        raise RuntimeError("gptfn's greedy tokens differ from HF transformers'")
+    agreement = _agreement(cfg, model, hf, idx, tokens, target)
     bandwidth = [probe_bytes / t for t in samples.times["gemv"]]  # bytes/s per round
     streaming = [probe_bytes / t for t in samples.times["stream"]]
-    need = bytes_per_step(cfg, prompt_len + new_tokens, batch_size)
+    spec_bandwidth, _ = target.spec()
+    roofline = [spec_bandwidth] * rounds if spec_bandwidth else bandwidth
+    roofline_name = "datasheet" if spec_bandwidth else "GEMV"
+    itemsize = torch.empty(0, dtype=target.dtype).element_size()
+    need = bytes_per_step(cfg, prompt_len + new_tokens, batch_size, itemsize)
     step_bytes = need["params"] + need["cache"]
     per_round = Samples({k: [1.0 / r for r in v] for k, v in rates.items()})  # s per token
     rows = []
-    for name in ("hf", "eager", "compiled"):
-        r = sorted(rates[name])[len(rates[name]) // 2]
-        steps = [rate / batch_size for rate in rates[name]]  # decode steps per second
-        mbu = [step_bytes * st / bw for st, bw in zip(steps, bandwidth)]
+    for name in names:
+        steps = [r / batch_size for r in rates[name]]  # decode steps per second
+        mbu = [step_bytes * st / bw for st, bw in zip(steps, roofline)]
         of_stream = [step_bytes * st / bw for st, bw in zip(steps, streaming)]
         rows.append({
             "variant": name,
-            "tokens_per_s": r,
+            "tokens_per_s": statistics.median(rates[name]),
+            "ms_per_token": 1e3 / statistics.median(steps),
             "min_tokens_per_s": min(rates[name]),
             "max_tokens_per_s": max(rates[name]),
             "ratio_vs_hf": per_round.ratio(name, "hf"),
             "ratio_vs_eager": per_round.ratio(name, "eager"),
-            "mbu": sorted(mbu)[len(mbu) // 2],
-            "of_stream": sorted(of_stream)[len(of_stream) // 2],
+            "mbu": statistics.median(mbu),
+            "of_stream": statistics.median(of_stream),
         })
-    bw_median = sorted(bandwidth)[len(bandwidth) // 2]
-    stream_median = sorted(streaming)[len(streaming) // 2]
+    bw_median = statistics.median(bandwidth)
+    stream_median = statistics.median(streaming)
+    roof = (f"MBU against the datasheet's {spec_bandwidth / 1e9:.0f} GB/s" if spec_bandwidth
+            else "MBU against the GEMV probe")
     table = "\n".join(
-        ["| variant | decode tokens/s (median) | min-max | vs HF | vs eager | MBU (GEMV) "
-         "| of streaming read |",
-         "|---|---:|---:|---:|---:|---:|---:|"]
-        + [f"| {r['variant']} | {r['tokens_per_s']:.1f} | {r['min_tokens_per_s']:.1f}-"
-           f"{r['max_tokens_per_s']:.1f} | {r['ratio_vs_hf']:.2f}x | {r['ratio_vs_eager']:.2f}x | "
-           f"{r['mbu'] * 100:.0f}% | {r['of_stream'] * 100:.0f}% |" for r in rows]
-        + ["", f"GEMV bandwidth {bw_median / 1e9:.1f} GB/s, streaming read "
-               f"{stream_median / 1e9:.1f} GB/s (medians); a decode step reads "
+        [f"| variant | decode tokens/s (median) | ms/step | min-max | vs HF | vs eager "
+         f"| MBU ({roofline_name}) | of streaming read |",
+         "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        + [f"| {r['variant']} | {r['tokens_per_s']:.1f} | {r['ms_per_token']:.2f} | "
+           f"{r['min_tokens_per_s']:.1f}-{r['max_tokens_per_s']:.1f} | {r['ratio_vs_hf']:.2f}x | "
+           f"{r['ratio_vs_eager']:.2f}x | {r['mbu'] * 100:.0f}% | {r['of_stream'] * 100:.0f}% |"
+           for r in rows]
+        + ["", f"{target.describe()}; {roof}. GEMV bandwidth {bw_median / 1e9:.1f} GB/s, "
+               f"streaming read {stream_median / 1e9:.1f} GB/s (medians); a decode step reads "
                f"{step_bytes / 1e6:.0f} MB (params {need['params'] / 1e6:.0f} MB + KV cache "
-               f"{need['cache'] / 1e6:.0f} MB); decode-step compile + first run {compile_s:.1f} s"]
+               f"{need['cache'] / 1e6:.0f} MB); compile + first run: "
+               + ", ".join(f"{k} {v:.1f} s" for k, v in compile_s.items())
+               + f"; {agreement['summary']}"]
     )
     return {
         "workload": "decode" if batch_size == 1 else f"decode_b{batch_size}",
         "config": cfg.to_dict(),
+        "device": str(target.device),
+        "dtype": target.dtype_name,
         "batch_size": batch_size,
         "prompt_len": prompt_len,
         "new_tokens": new_tokens,
@@ -187,9 +248,43 @@ def bench_decode(quick: bool, rounds: int, preset: str = "gpt2", prompt_len: int
         "gemv_bytes": probe_bytes,
         "gemv_bandwidth_bytes_per_s": bandwidth,
         "stream_bandwidth_bytes_per_s": streaming,
+        "spec_bandwidth_bytes_per_s": spec_bandwidth,
         "bytes_per_step": need,
         "compile_s": compile_s,
+        "agreement": agreement,
         "rows": rows,
         "environment": environment(),
         "table": table,
     }
+
+
+def _agreement(cfg, model, hf, idx, tokens, target: Target) -> dict:
+    """Check that every variant computed the same thing as HF, or raise.
+
+    fp32: the greedy tokens are equal. bf16/fp16: rounding differs between the two
+    libraries' kernels and a random model's logits are close together, so greedy paths may
+    part; the check is on the prompt's last logits instead (relative error under 3e-2),
+    and the share of tokens equal to HF's is reported.
+    """
+    from gptfn import KVCache
+    from gptfn.generation import model_parts
+    from gptfn.kv_cache import prefill
+
+    _, params = model_parts(model)
+    with torch.no_grad():
+        cache = KVCache.create(cfg, idx.size(0), idx.size(1), dtype=target.dtype,
+                               device=target.device)
+        ours = prefill(params, idx, cache, cfg)[0].float()
+        theirs = hf(idx, logits_to_keep=1).logits[:, -1].float()
+    error = _relative_error(ours, theirs)
+    same = {k: float((v == tokens["hf"]).float().mean()) for k, v in tokens.items() if k != "hf"}
+    if target.dtype == torch.float32:
+        if error > 1e-4 or min(same.values()) < 1.0:
+            raise RuntimeError(f"gptfn and HF disagree in fp32: logits relative error {error:.2e}, "
+                               f"share of equal greedy tokens {same}")
+    elif error > 3e-2:
+        raise RuntimeError(f"gptfn and HF disagree in {target.dtype_name}: last logits' relative "
+                           f"error {error:.2e} > 3e-2")
+    summary = (f"last-logits relative error vs HF {error:.1e}; greedy tokens equal to HF's: "
+               + ", ".join(f"{k} {v * 100:.0f}%" for k, v in same.items()))
+    return {"logits_relative_error": error, "tokens_equal_to_hf": same, "summary": summary}

@@ -12,10 +12,11 @@ import os
 import platform
 import statistics
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
+
+from benchmarks.device import Clock
 
 
 @dataclass
@@ -38,24 +39,27 @@ def interleaved(
     variants: Dict[str, Callable[[], object]],
     rounds: int,
     warmup: int = 1,
-    sync: Callable[[], None] = lambda: None,
+    clock: Optional[Clock] = None,
     progress: Optional[Callable[[str], None]] = None,
 ) -> Samples:
-    """Time each variant ``rounds`` times, interleaved, after ``warmup`` untimed rounds."""
+    """Time each variant ``rounds`` times, interleaved, after ``warmup`` untimed rounds.
+
+    ``clock`` (default: the host's) times each call on the device's timeline; the device
+    is idle when each call starts, so no call is charged for the one before it.
+    """
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
+    clock = clock or Clock("cpu")
     for _ in range(warmup):
         for fn in variants.values():
             fn()
-    sync()
     samples = Samples({name: [] for name in variants})
     for r in range(rounds):
         for name, fn in variants.items():
-            sync()
-            t0 = time.perf_counter()
+            clock.sync()
+            start = clock.stamp()
             fn()
-            sync()
-            samples.times[name].append(time.perf_counter() - t0)
+            samples.times[name].append(clock.seconds(start, clock.stamp()))
         if progress is not None:
             progress(f"round {r + 1}/{rounds}")
     return samples

@@ -3,24 +3,43 @@
 Variants (same weights, same prompt, interleaved rounds after a warm-up): HF
 transformers' forward with ``use_cache=True, logits_to_keep=1`` (what its ``generate`` runs
 first), and gptfn's ``prefill`` into a static KV cache (eager; it also computes the last
-position's logits only).
+position's logits only); on the run's device and dtype (``--device``, ``--dtype``).
+
+MFU = FLOPs of the prefill / time / peak FLOP/s. FLOPs follow nanoGPT's count for a forward
+pass, 2 N + 4 L T C per token (N: the weights' parameters without the embeddings; attention
+counted over the full T x T), plus the head for the last position only (2 V C). The peak is
+the datasheet's on CUDA, and on the CPU a GEMM probe (1024^3, the same dtype) timed in the
+same rounds.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List
+import statistics
+from typing import Dict, List, Optional
 
 import torch
 
+from benchmarks.decode import hf_peer
+from benchmarks.device import Target, gemm_probe
 from benchmarks.harness import environment, interleaved, quick_config
 
 
-def bench_prefill(quick: bool, rounds: int, preset: str = "gpt2", log=print) -> dict:
-    import transformers
+def prefill_flops(cfg, t: int) -> int:
+    """FLOPs of a T-token prefill that computes the last position's logits only."""
+    from gptfn.params import num_params
 
+    c, v = cfg.embed_dim, cfg.vocab_size
+    n = num_params(cfg) - cfg.context_length * c - v * c  # without wpe and wte
+    return t * (2 * n + 4 * cfg.num_layers * t * c) + 2 * v * c
+
+
+def bench_prefill(quick: bool, rounds: int, preset: str = "gpt2",
+                  target: Optional[Target] = None, log=print) -> dict:
     from gptfn import GPTConfig, GPTModel, KVCache
     from gptfn.generation import model_parts
     from gptfn.kv_cache import prefill
+
+    target = target or Target.parse()
 
     if quick:
         cfg = quick_config()
@@ -29,18 +48,22 @@ def bench_prefill(quick: bool, rounds: int, preset: str = "gpt2", log=print) -> 
         cfg = GPTConfig.from_preset(preset, dropout_rate=0.0)
         lengths = [128, 512, 1024]
     model = GPTModel(cfg, seed=0).eval()
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg.to_hf_dict())).eval()
-    hf.transformer.load_state_dict(model.state_dict(), strict=False)
+    hf = hf_peer(cfg, model, target)
+    model = model.to(device=target.device, dtype=target.dtype)
     _, params = model_parts(model)
+    clock = target.clock()
+    gemm, gemm_flops = gemm_probe(target)
+    _, spec_flops = target.spec()
+    tol = 1e-3 if target.dtype == torch.float32 else 3e-2
     gen = torch.Generator().manual_seed(0)
     rows: List[Dict[str, object]] = []
     samples_all = {}
     for t in lengths:
-        idx = torch.randint(0, cfg.vocab_size, (1, t), generator=gen)
+        idx = torch.randint(0, cfg.vocab_size, (1, t), generator=gen).to(target.device)
 
         def ours():
             with torch.no_grad():
-                cache = KVCache.create(cfg, 1, t)
+                cache = KVCache.create(cfg, 1, t, dtype=target.dtype, device=target.device)
                 return prefill(params, idx, cache, cfg)[0]
 
         def theirs():
@@ -48,21 +71,37 @@ def bench_prefill(quick: bool, rounds: int, preset: str = "gpt2", log=print) -> 
                 # what HF generate runs first: logits of the last position only
                 return hf(idx, use_cache=True, logits_to_keep=1).logits[:, -1]
 
-        if not torch.allclose(ours(), theirs(), atol=1e-3):
-            raise RuntimeError(f"gptfn and HF disagree on the last logits at T={t}")
-        log(f"prefill T={t}: {rounds} interleaved rounds")
-        samples = interleaved({"hf": theirs, "eager": ours}, rounds=rounds, warmup=1)
+        a, b = ours().float(), theirs().float()
+        error = float((a - b).norm() / b.norm())
+        if error > tol:
+            raise RuntimeError(f"gptfn and HF disagree on the last logits at T={t}: relative "
+                               f"error {error:.1e} > {tol:.0e} ({target.dtype_name})")
+        log(f"prefill T={t} on {target.describe()}: {rounds} interleaved rounds")
+        samples = interleaved({"hf": theirs, "eager": ours, "gemm": gemm}, rounds=rounds,
+                              warmup=1, clock=clock)
         samples_all[t] = samples.times
+        flops = prefill_flops(cfg, t)
+        peaks = ([spec_flops] * rounds if spec_flops
+                 else [gemm_flops / s for s in samples.times["gemm"]])
         for name in ("hf", "eager"):
+            mfu = [flops / s / p for s, p in zip(samples.times[name], peaks)]
             rows.append({"T": t, "variant": name, "ttft_ms": samples.median(name) * 1e3,
                          "min_ms": min(samples.times[name]) * 1e3,
                          "max_ms": max(samples.times[name]) * 1e3,
-                         "ratio_vs_hf": samples.ratio(name, "hf")})
-    lines = ["| T | variant | time to first token (ms, median) | min-max | vs HF |",
-             "|---:|---|---:|---:|---:|"]
+                         "ratio_vs_hf": samples.ratio(name, "hf"),
+                         "mfu": statistics.median(mfu)})
+    peak_name = "datasheet" if spec_flops else "GEMM probe"
+    lines = [f"| T | variant | time to first token (ms, median) | min-max | vs HF "
+             f"| MFU ({peak_name}) |", "|---:|---|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['T']} | {r['variant']} | {r['ttft_ms']:.1f} | {r['min_ms']:.1f}-"
-                     f"{r['max_ms']:.1f} | {r['ratio_vs_hf']:.2f}x |")
-    return {"workload": "prefill", "config": cfg.to_dict(), "rounds": rounds,
-            "samples_s": samples_all, "rows": rows, "environment": environment(),
-            "table": "\n".join(lines)}
+                     f"{r['max_ms']:.1f} | {r['ratio_vs_hf']:.2f}x | {r['mfu'] * 100:.0f}% |")
+    gemm_rates = [gemm_flops / s for s in
+                  (x for times in samples_all.values() for x in times["gemm"])]
+    lines += ["", f"{target.describe()}; GEMM probe {statistics.median(gemm_rates) / 1e9:.0f} "
+                  "GFLOP/s (median)" + (f"; datasheet peak {spec_flops / 1e12:.0f} TFLOP/s"
+                                        if spec_flops else "")]
+    return {"workload": "prefill", "config": cfg.to_dict(), "device": str(target.device),
+            "dtype": target.dtype_name, "rounds": rounds, "samples_s": samples_all,
+            "gemm_flops": gemm_flops, "spec_flops": spec_flops, "rows": rows,
+            "environment": environment(), "table": "\n".join(lines)}

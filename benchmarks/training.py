@@ -5,50 +5,79 @@ Both models start from the same weights, see the same batches, compute the same 
 with its fused head + loss, ``gptfn.loss``) and step the same optimizer (AdamW with weight decay
 on matrices only, gradient clipping at 1.0). A timed call is ``steps`` full training steps
 (zero_grad, forward, loss, backward, clip, AdamW step); variants are interleaved in rounds
-after a warm-up round. fp32 on the CPU; MFU (nanoGPT's FLOP formula, 6N + 12 L T C FLOPs per
-token) is reported against the device's peak only on CUDA (bf16 autocast there).
+after a warm-up round.
+
+The model: on the CPU a small one (4 layers x 256 wide, GPT-2's vocabulary, batch 8 x 128),
+so that a round takes seconds; on CUDA the ``--model`` preset at its full context of 1024
+(batch ``--batch-size``, default 8). Weights and AdamW stay fp32; ``--dtype bf16/fp16``
+runs forward and backward under autocast (fp16 with a gradient scaler, as fp16 training
+needs). MFU = tokens/s x nanoGPT's 6 N + 12 L T C FLOPs per token / peak FLOP/s: the
+datasheet's peak at the dtype on CUDA, a GEMM probe timed in the same rounds on the CPU.
 """
 
 from __future__ import annotations
 
+import statistics
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
+from benchmarks.device import Target, gemm_probe
 from benchmarks.harness import Samples, environment, interleaved, quick_config
 
-GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
+def _step_fn(model, optimizer, batches, loss_of, target: Target):
+    """One timed call: every batch through a full training step, under autocast at the
+    target's dtype unless it is fp32 (fp16 with a gradient scaler)."""
+    half = target.dtype != torch.float32
+    scaler = torch.amp.GradScaler(target.device.type, enabled=target.dtype == torch.float16)
 
-def _step_fn(model, optimizer, batches, loss_of, autocast):
     def run():
         for x, y in batches:
             optimizer.zero_grad(set_to_none=True)
-            with autocast():
+            with torch.autocast(target.device.type, dtype=target.dtype, enabled=half):
                 loss = loss_of(model, x, y)
-            loss.backward()
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
 
     return run
 
 
-def bench_training(quick: bool, rounds: int, device: str = "cpu", log=print) -> dict:
+def training_flops_per_token(cfg, n_params: int) -> int:
+    """nanoGPT's estimate: 6 N (forward and backward through the weights) + 12 L T C
+    (attention over the full context)."""
+    return 6 * n_params + 12 * cfg.num_layers * cfg.context_length * cfg.embed_dim
+
+
+def bench_training(quick: bool, rounds: int, preset: str = "gpt2",
+                   target: Optional[Target] = None, batch_size: Optional[int] = None,
+                   log=print) -> dict:
     import transformers
 
     from gptfn import GPTConfig, GPTModel
     from gptfn.train import TrainSettings, make_optimizer
 
+    target = target or Target.parse()
     if quick:
         cfg = quick_config(context_length=64, embed_dim=64, dropout_rate=0.1)
         batch, steps = 4, 2
+    elif target.is_cuda:
+        cfg = GPTConfig.from_preset(preset, dropout_rate=0.1)
+        batch, steps = 8, 3
     else:
         cfg = GPTConfig(vocab_size=50257, context_length=128, embed_dim=256, num_layers=4,
                         num_heads=8, dropout_rate=0.1)
         batch, steps = 8, 3
-    dev = torch.device(device)
-    ours = GPTModel(cfg, seed=0).to(dev).train()
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg.to_hf_dict())).to(dev).train()
+    batch = batch_size or batch
+    dev = target.device
+    ours = GPTModel(cfg, seed=0).train()
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg.to_hf_dict())).train()
     hf.transformer.load_state_dict(ours.state_dict(), strict=False)
+    ours, hf = ours.to(dev), hf.to(dev)
     if hf.lm_head.weight.data_ptr() != hf.transformer.wte.weight.data_ptr():
         raise RuntimeError("HF's head is not tied to wte")
     settings = TrainSettings(lr=3e-4)
@@ -58,47 +87,53 @@ def bench_training(quick: bool, rounds: int, device: str = "cpu", log=print) -> 
     for _ in range(steps):
         data = torch.randint(0, cfg.vocab_size, (batch, cfg.context_length + 1), generator=gen)
         batches.append((data[:, :-1].to(dev), data[:, 1:].to(dev)))
-    if dev.type == "cuda":
-        autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
-        sync = torch.cuda.synchronize
-    else:
-        autocast, sync = _null, lambda: None
+    gemm, gemm_flops = gemm_probe(target)
     variants = {
-        "hf": _step_fn(hf, opt_hf, batches, _hf_loss, autocast),
-        "gptfn": _step_fn(ours, opt_ours, batches, lambda m, x, y: m(x, y), autocast),
+        "hf": _step_fn(hf, opt_hf, batches, _hf_loss, target),
+        "gptfn": _step_fn(ours, opt_ours, batches, lambda m, x, y: m(x, y), target),
+        "gemm": gemm,
     }
     tokens = steps * batch * cfg.context_length
     log(f"training: {cfg.num_layers} layers x {cfg.embed_dim} wide, vocab {cfg.vocab_size}, "
-        f"batch {batch} x {cfg.context_length}, {steps} steps per call, {rounds} rounds, {dev}")
-    samples: Samples = interleaved(variants, rounds=rounds, warmup=1, sync=sync,
+        f"batch {batch} x {cfg.context_length}, {steps} steps per call, {rounds} rounds, "
+        f"{target.describe()}")
+    samples: Samples = interleaved(variants, rounds=rounds, warmup=1, clock=target.clock(),
                                    progress=lambda m: log(f"  {m}"))
-    n = ours.num_params()
-    flops_per_token = 6 * n + 12 * cfg.num_layers * cfg.context_length * cfg.embed_dim
-    peak = None
-    if dev.type == "cuda":
-        name = torch.cuda.get_device_name()
-        peak = next((v for k, v in GPU_PEAK_BF16.items() if k in name), None)
+    flops_per_token = training_flops_per_token(cfg, ours.num_params())
+    _, spec_flops = target.spec()
+    peaks = ([spec_flops] * rounds if spec_flops
+             else [gemm_flops / s for s in samples.times["gemm"]])
     rows = []
     for name in ("hf", "gptfn"):
         t = samples.median(name)
         rate = tokens / t
+        mfu = [tokens / s * flops_per_token / p for s, p in zip(samples.times[name], peaks)]
         rows.append({
             "variant": name,
             "tokens_per_s": rate,
             "min_tokens_per_s": tokens / max(samples.times[name]),
             "max_tokens_per_s": tokens / min(samples.times[name]),
             "ratio_vs_hf": samples.ratio(name, "hf"),
-            "mfu": rate * flops_per_token / peak if peak else None,
+            "mfu": statistics.median(mfu),
         })
-    lines = ["| variant | tokens/s (median) | min-max | vs HF | MFU |", "|---|---:|---:|---:|---:|"]
+    peak_name = "datasheet" if spec_flops else "GEMM probe"
+    lines = [f"| variant | tokens/s (median) | min-max | vs HF | MFU ({peak_name}) |",
+             "|---|---:|---:|---:|---:|"]
     for r in rows:
-        mfu = "-" if r["mfu"] is None else f"{r['mfu'] * 100:.1f}%"
         lines.append(f"| {r['variant']} | {r['tokens_per_s']:,.0f} | {r['min_tokens_per_s']:,.0f}-"
-                     f"{r['max_tokens_per_s']:,.0f} | {r['ratio_vs_hf']:.2f}x | {mfu} |")
+                     f"{r['max_tokens_per_s']:,.0f} | {r['ratio_vs_hf']:.2f}x | "
+                     f"{r['mfu'] * 100:.1f}% |")
+    gemm_median = gemm_flops / samples.median("gemm")
+    lines += ["", f"{target.describe()}; GEMM probe {gemm_median / 1e9:.0f} GFLOP/s (median)"
+                  + (f"; datasheet peak {spec_flops / 1e12:.0f} TFLOP/s" if spec_flops else "")]
     table = "\n".join(lines)
     return {
         "workload": "training",
         "config": cfg.to_dict(),
+        "device": str(dev),
+        "dtype": target.dtype_name,
+        "spec_flops": spec_flops,
+        "gemm_flops": gemm_flops,
         "batch": batch,
         "steps_per_call": steps,
         "rounds": rounds,
@@ -113,11 +148,3 @@ def bench_training(quick: bool, rounds: int, device: str = "cpu", log=print) -> 
 def _hf_loss(model, x, y):
     logits = model(x).logits
     return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

@@ -5,6 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
+from benchmarks.device import Clock, Target, gpu_spec
 from benchmarks.harness import Samples, interleaved
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,6 +23,79 @@ def test_interleaved_rounds_and_ratio():
     s = Samples({"base": [2.0, 4.0, 6.0], "fast": [1.0, 1.0, 3.0]})
     assert s.ratio("fast", "base") == 2.0  # median of per-round ratios 2, 4, 2
     assert s.median("base") == 4.0
+
+
+class _FakeEvent:
+    """A CUDA event on a fake device whose clock only the fake work advances (ms)."""
+
+    device_ms = 0.0
+
+    def __init__(self, enable_timing: bool = False):
+        assert enable_timing
+        self.at = None
+
+    def record(self):
+        self.at = _FakeEvent.device_ms
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, end):
+        return end.at - self.at
+
+
+def test_interleaved_times_on_the_device_clock():
+    def work(ms):
+        def run():
+            _FakeEvent.device_ms += ms
+        return run
+
+    samples = interleaved({"a": work(5.0), "b": work(20.0)}, rounds=3, warmup=1,
+                          clock=Clock("cpu", event=_FakeEvent))
+    # device time between the events, not the host's few microseconds per call
+    assert samples.times == {"a": [0.005] * 3, "b": [0.02] * 3}
+    assert samples.ratio("a", "b") == 4.0
+
+
+def test_gpu_spec_prefers_the_specific_name():
+    sxm, pcie, h200 = (gpu_spec(f"NVIDIA {n}") for n in ("H100 80GB HBM3", "H100 PCIe", "H200"))
+    assert sxm[0] > pcie[0] and h200[0] > sxm[0]
+    assert pcie[1]["bf16"] < sxm[1]["bf16"]
+    assert gpu_spec("NVIDIA A100-SXM4-80GB")[0] > gpu_spec("NVIDIA A100-PCIE-40GB")[0]
+    assert gpu_spec("Some Future GPU") is None
+
+
+def test_target_rejects_bad_arguments():
+    assert Target.parse("cpu", "bf16").dtype == torch.bfloat16
+    assert Target.parse("cpu", peak_gbps=100).spec() == (100e9, None)
+    for kwargs, match in [({"dtype": "int8"}, "--dtype"), ({"dtype": "fp16"}, "fp16 is for CUDA"),
+                          ({"device": "tpu"}, "--device"), ({"device": "meta"}, "cpu or cuda"),
+                          ({"peak_tflops": 0}, "--peak-tflops")]:
+        with pytest.raises(ValueError, match=match):
+            Target.parse(**kwargs)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA"):
+            Target.parse("cuda")
+
+
+def test_prefill_flops_match_a_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from benchmarks.prefill import prefill_flops
+    from gptfn import GPTConfig, GPTModel, KVCache
+    from gptfn.generation import model_parts
+    from gptfn.kv_cache import prefill
+
+    cfg = GPTConfig(vocab_size=512, context_length=64, embed_dim=128, num_layers=2, num_heads=4)
+    _, params = model_parts(GPTModel(cfg, seed=0))
+    for t in (16, 64):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            prefill(params, torch.zeros(1, t, dtype=torch.long), KVCache.create(cfg, 1, t), cfg)
+        # the counter sees the matrix products (not the attention kernel, nor the biases and
+        # norms that nanoGPT's 2N also counts): within the biases' 1% once attention is added
+        attention = 4 * cfg.num_layers * t * t * cfg.embed_dim
+        assert prefill_flops(cfg, t) == pytest.approx(counter.get_total_flops() + attention,
+                                                      rel=0.01)
 
 
 def test_quick_suite_writes_reports(tmp_path):
@@ -41,6 +118,20 @@ def test_quick_suite_writes_reports(tmp_path):
     assert compiled["cold"]["graphs_after_warmup"] == compiled["warm"]["graphs_after_warmup"] == 0
     decode = json.loads((tmp_path / "decode.json").read_text())
     assert {r["variant"] for r in decode["rows"]} == {"hf", "eager", "compiled"}
+
+
+def test_quick_bf16_with_hf_compiled_peer(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "benchmarks", "decode", "prefill", "--quick",
+                        "--dtype", "bf16", "--hf-compiled", "--rounds", "2", "--out",
+                        str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    decode = json.loads((tmp_path / "decode.json").read_text())
+    assert decode["dtype"] == "bf16"
+    assert [r["variant"] for r in decode["rows"]] == ["hf", "hf_compiled", "eager", "compiled"]
+    assert decode["agreement"]["logits_relative_error"] < 3e-2
+    assert 0 <= 32 * 2**20 - decode["gemv_bytes"] < 2 * 768  # 32 MiB of bf16 rows of 768
+    prefill = json.loads((tmp_path / "prefill.json").read_text())
+    assert all(0 < row["mfu"] for row in prefill["rows"])
 
 
 def test_unknown_workload():
