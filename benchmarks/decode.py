@@ -109,7 +109,8 @@ def _hf_compile_kwargs(target: Target) -> dict:
     return {"cache_implementation": "static", "compile_config": config}
 
 
-def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||, in float64."""
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm())
 
@@ -276,7 +277,7 @@ def _agreement(cfg, model, hf, idx, tokens, target: Target) -> dict:
                                device=target.device)
         ours = prefill(params, idx, cache, cfg)[0].float()
         theirs = hf(idx, logits_to_keep=1).logits[:, -1].float()
-    error = _relative_error(ours, theirs)
+    error = relative_error(ours, theirs)
     same = {k: float((v == tokens["hf"]).float().mean()) for k, v in tokens.items() if k != "hf"}
     if target.dtype == torch.float32:
         if error > 1e-4 or min(same.values()) < 1.0:

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from benchmarks.decode import hf_peer
+from benchmarks.decode import hf_peer, relative_error
 from benchmarks.device import Target, gemm_probe
 from benchmarks.harness import environment, interleaved, quick_config
 
@@ -71,8 +71,7 @@ def bench_prefill(quick: bool, rounds: int, preset: str = "gpt2",
                 # what HF generate runs first: logits of the last position only
                 return hf(idx, use_cache=True, logits_to_keep=1).logits[:, -1]
 
-        a, b = ours().float(), theirs().float()
-        error = float((a - b).norm() / b.norm())
+        error = relative_error(ours(), theirs())
         if error > tol:
             raise RuntimeError(f"gptfn and HF disagree on the last logits at T={t}: relative "
                                f"error {error:.1e} > {tol:.0e} ({target.dtype_name})")
