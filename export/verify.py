@@ -1,10 +1,22 @@
 """Checking an artifact against eager gptfn, and reporting what it costs.
 
-For each artifact: logits equal to eager (fp32 max abs difference <= 1e-5) at several
-lengths, and greedy decoding token-identical to ``gptfn.generate`` over at least 16 steps
-(TorchScript: its own ``generate``; the .pt2 forward: recomputing the sequence each step;
-the AOTInductor decode package: feeding the prompt through its cache, then decoding). The
-report holds size, load time, first-call latency and per-token latency against eager.
+For each artifact: logits equal to eager at several lengths, and its decoding checked step
+by step against ``gptfn.generate`` over at least 16 steps (TorchScript: its own
+``generate``; the .pt2 forward: recomputing the sequence each step; the AOTInductor decode
+package: feeding the prompt through its cache, then decoding). The report holds size, load
+time, first-call latency and per-token latency against eager.
+
+- fp32: logits within 1e-5 (max abs difference) and greedy tokens identical.
+- bf16/fp16: two correct programs round differently (inductor fuses and keeps fp32
+  intermediates where eager rounds each op), so neither bit equality nor free-running
+  greedy equality is the right test. Both eager and the artifact are held to an fp32
+  reference with the same (upcast) weights: the artifact's max abs error may be at most
+  twice eager's own, plus one unit in the last place at the logits' scale
+  (``_half_allowed``). Decoding is checked teacher-forced on eager's greedy sequence:
+  every step's logits are held to the same rule (AOTInductor: through its decode package,
+  cache included; .pt2 and TorchScript: their forward over the sequence, which is how
+  .pt2 decodes and which runs the same kernels as TorchScript's generate). Whether
+  free-running greedy tokens equal eager's is reported, not required.
 """
 
 from __future__ import annotations
@@ -16,7 +28,7 @@ from typing import Callable, Dict, List
 import torch
 from torch import Tensor
 
-TOLERANCE = 1e-5
+TOLERANCE = 1e-5  # fp32
 MIN_DECODE_STEPS = 16
 
 
@@ -63,7 +75,9 @@ def verify(kind: str, paths: List[Path], model, max_seq_len: int, seed: int = 0)
         "load_s": load_s,
         "max_seq_len": max_seq_len,
     }
-    diffs = {}
+    half = params["wte.weight"].dtype != torch.float32
+    reference = _fp32_reference(config, params) if half else None
+    diffs, errors = {}, {}
     with torch.no_grad():
         for i, length in enumerate(_lengths(max_seq_len)):
             idx = torch.randint(0, config.vocab_size, (2, length), generator=gen).to(device)
@@ -72,10 +86,17 @@ def verify(kind: str, paths: List[Path], model, max_seq_len: int, seed: int = 0)
                 report["first_call_s"] = t
             want = model(idx)
             diffs[length] = (got - want).abs().max().item()
+            if half:
+                errors[length] = _check_half(kind, f"logits at length {length}", got, want,
+                                             reference(idx))
         report["max_abs_diff"] = diffs
-        bad = {k: v for k, v in diffs.items() if not v <= TOLERANCE}
-        if bad:
-            raise VerificationError(f"{kind} logits differ from eager by more than {TOLERANCE}: {bad}")
+        if half:
+            report["error_vs_fp32"] = errors
+        else:
+            bad = {k: v for k, v in diffs.items() if not v <= TOLERANCE}
+            if bad:
+                raise VerificationError(
+                    f"{kind} logits differ from eager by more than {TOLERANCE}: {bad}")
 
         p, n = _decode_plan(max_seq_len)
         prompt = torch.randint(0, config.vocab_size, (1, p), generator=gen).to(device)
@@ -88,14 +109,54 @@ def verify(kind: str, paths: List[Path], model, max_seq_len: int, seed: int = 0)
         else:
             step = torch._inductor.aoti_load_package(str(paths[1]))
             got, art_s = _timed(lambda: _greedy_with_decode_step(step, config, prompt, n,
-                                                                 max_seq_len, device))
-    if not torch.equal(got, want):
+                                                                 max_seq_len, device,
+                                                                 params["wte.weight"].dtype))
+        same = got.shape == want.shape and torch.equal(got, want)
+        if half:
+            # teacher-forced: the artifact's decode path on eager's own sequence
+            seq = want[:, :-1]
+            if kind == "aoti":
+                steps = _logits_with_decode_step(step, config, seq, max_seq_len, device,
+                                                 params["wte.weight"].dtype)
+            else:  # pt2 decodes by recomputing; TorchScript runs eager's own kernels
+                steps = art(seq)
+            report["decode_error_vs_fp32"] = _check_half(
+                kind, "teacher-forced decode logits", steps[:, p - 1:], model(seq)[:, p - 1:],
+                reference(seq)[:, p - 1:])
+            report["tokens_equal_free_running"] = bool(same)
+    if not half and not same:
         first = int((got != want).nonzero()[0, 1]) - p if got.shape == want.shape else -1
         raise VerificationError(f"{kind} greedy tokens differ from eager generation "
                                 f"(first at new token {first})")
-    report.update({"decode_steps": n, "tokens_equal": True,
+    report.update({"decode_steps": n, "tokens_equal": bool(same),
                    "per_token_s": art_s / n, "eager_per_token_s": eager_s / n})
     return report
+
+
+def _fp32_reference(config, params: Dict[str, Tensor]):
+    """Logits of the same weights, upcast, in fp32: what a half-precision run approximates."""
+    from gptfn.functional.model import gpt_forward
+
+    ref = {k: v.float() for k, v in params.items()}
+    return lambda idx: gpt_forward(ref, idx, config)
+
+
+def _half_allowed(eager_error: float, reference: Tensor, dtype: torch.dtype) -> float:
+    """Twice eager's error, plus one unit in the last place at the logits' largest
+    magnitude (so that an eager run that happens to round well does not fail the artifact)."""
+    ulp = torch.finfo(dtype).eps * reference.abs().max().item()
+    return 2 * eager_error + ulp
+
+
+def _check_half(kind: str, what: str, got: Tensor, eager: Tensor, reference: Tensor) -> dict:
+    eager_error = (eager.float() - reference).abs().max().item()
+    error = (got.float() - reference).abs().max().item()
+    allowed = _half_allowed(eager_error, reference, got.dtype)
+    if not error <= allowed:
+        raise VerificationError(
+            f"{kind} {what}: max abs error vs the fp32 reference {error:.3g} exceeds {allowed:.3g} "
+            f"(twice eager's {eager_error:.3g} + 1 ulp)")
+    return {"artifact": error, "eager": eager_error, "allowed": allowed}
 
 
 def _greedy_by_recompute(forward, prompt: Tensor, n: int) -> Tensor:
@@ -106,10 +167,27 @@ def _greedy_by_recompute(forward, prompt: Tensor, n: int) -> Tensor:
     return seq
 
 
-def _greedy_with_decode_step(step, config, prompt: Tensor, n: int, max_seq_len: int, device):
-    shape = (config.num_layers, 1, config.num_heads, max_seq_len, config.head_dim)
-    keys = torch.zeros(shape, device=device)
-    values = torch.zeros(shape, device=device)
+def _empty_cache(config, batch: int, max_seq_len: int, device, dtype):
+    shape = (config.num_layers, batch, config.num_heads, max_seq_len, config.head_dim)
+    return (torch.zeros(shape, device=device, dtype=dtype),
+            torch.zeros(shape, device=device, dtype=dtype))
+
+
+def _logits_with_decode_step(step, config, seq: Tensor, max_seq_len: int, device,
+                             dtype) -> Tensor:
+    """(1, T, V): the decode package's logits after each token of ``seq``, fed one by one."""
+    keys, values = _empty_cache(config, 1, max_seq_len, device, dtype)
+    out = []
+    for t in range(seq.size(1)):
+        logits, keys, values = step(seq[:, t:t + 1], keys, values,
+                                    torch.tensor([t], device=device))
+        out.append(logits)
+    return torch.stack(out, dim=1)
+
+
+def _greedy_with_decode_step(step, config, prompt: Tensor, n: int, max_seq_len: int, device,
+                             dtype=torch.float32):
+    keys, values = _empty_cache(config, 1, max_seq_len, device, dtype)
     out = [prompt]
     logits = None
     for t in range(prompt.size(1)):  # the prompt, through the cache one token at a time
@@ -126,12 +204,15 @@ def _greedy_with_decode_step(step, config, prompt: Tensor, n: int, max_seq_len: 
 
 def format_report(r: dict) -> str:
     eager = r["eager_per_token_s"] * 1e3
+    tokens = (f"= eager over {r['decode_steps']} steps" if r["tokens_equal"] else
+              f"teacher-forced logits within tolerance over {r['decode_steps']} steps; "
+              "free-running greedy parts from eager")
     rows = [
         "| artifact | size (MB) | load (s) | first call (ms) | ms/token | eager ms/token | "
         "max abs diff | tokens |",
         "|---|---:|---:|---:|---:|---:|---:|---|",
         f"| {r['kind']} | {r['size_bytes'] / 1e6:.1f} | {r['load_s']:.2f} | "
         f"{r['first_call_s'] * 1e3:.1f} | {r['per_token_s'] * 1e3:.2f} | {eager:.2f} | "
-        f"{max(r['max_abs_diff'].values()):.1e} | = eager over {r['decode_steps']} steps |",
+        f"{max(r['max_abs_diff'].values()):.1e} | {tokens} |",
     ]
     return "\n".join(rows)

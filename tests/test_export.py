@@ -82,6 +82,38 @@ def test_aoti_packages_forward_and_decode(tiny_dir, tmp_path):
         torch.testing.assert_close(runner(idx), model(idx), atol=1e-5, rtol=0)
 
 
+def test_bf16_aoti_is_held_to_an_fp32_reference(tiny_dir, tmp_path):
+    import json
+
+    out = tmp_path / "gpt_aoti.pt2"
+    r = export("aoti", "--model", str(tiny_dir), "--out", str(out), "--max-seq-len", "24",
+               "--dtype", "bfloat16")
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "gpt_aoti.pt2.report.json").read_text())
+    for check in [*report["error_vs_fp32"].values(), report["decode_error_vs_fp32"]]:
+        assert 0 < check["eager"] and check["artifact"] <= check["allowed"]
+    runner = torch._inductor.aoti_load_package(str(out))
+    model = GPTModel.from_pretrained(tiny_dir, dtype=torch.bfloat16)
+    idx = random_idx(model.config, 1, 9)
+    allowed = max(c["allowed"] for c in report["error_vs_fp32"].values())
+    with torch.no_grad():
+        got = runner(idx)
+        assert got.dtype == torch.bfloat16
+        reference = model.float()(idx)  # the bf16 weights, upcast, in fp32
+        assert (got.float() - reference).abs().max() <= allowed
+
+
+def test_half_check_rejects_an_artifact_that_computes_something_else():
+    from export.verify import VerificationError, _check_half
+
+    reference = torch.randn(2, 5, 97)
+    eager = reference.bfloat16()
+    assert _check_half("aoti", "logits", eager, eager, reference)["artifact"] > 0
+    wrong = (reference + 0.1 * torch.randn_like(reference)).bfloat16()
+    with pytest.raises(VerificationError, match="aoti logits: max abs error"):
+        _check_half("aoti", "logits", wrong, eager, reference)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--max-seq-len", "49"], "max_seq_len 49 must be in [1, context_length 48]"),
     (["--out", "/nonexistent-dir/gpt.pt"], "output directory does not exist"),
