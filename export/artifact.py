@@ -57,7 +57,8 @@ class ScriptableGPT(nn.Module):
         torch.manual_seed(seed)
         logits = gpt_cached_logits(self.params, idx, keys, values,
                                    torch.arange(t, device=idx.device), start,
-                                   self.num_layers, self.num_heads, self.eps, True)[:, -1]
+                                   self.num_layers, self.num_heads, self.eps, True,
+                                   True)[:, -1]  # a prefill of unpadded rows
         out = [idx]
         for step in range(max_new_tokens):
             token = sample_next(logits, temperature, top_k, 1.0, None)  # (B,)

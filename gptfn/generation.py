@@ -147,7 +147,8 @@ def generate_tokens(
             # they keep their address: the weights and the cache (written in place) do.
             for tensor in [*params.values(), *cache.keys, *cache.values]:
                 torch._dynamo.mark_static_address(tensor)
-        logits, cache = prefill(params, idx, cache, config, start)  # (B, V)
+        logits, cache = prefill(params, idx, cache, config,
+                                start if attention_mask is not None else None)  # (B, V)
         done = torch.zeros(b, dtype=torch.bool, device=wte.device)
         for step in range(max_new_tokens):
             token = sample_next(logits, float(temperature), k, p, generator)  # (B,)

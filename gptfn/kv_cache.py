@@ -89,7 +89,8 @@ def prefill(
 ) -> Tuple[Tensor, KVCache]:
     """Run the prompt through the model, filling cache slots 0..T-1.
 
-    ``start`` (B,) gives each row's first real token for left-padded prompts (default 0).
+    ``start`` (B,) gives each row's first real token for left-padded prompts (default
+    None: no padding, which lets attention skip the mask over the whole cache).
     Returns the logits of the last position and the cache.
 
     Shapes: idx (B, T), start (B,) -> logits (B, V).
@@ -97,6 +98,7 @@ def prefill(
     check_idx(idx, config.vocab_size, config.context_length)
     b, t = idx.shape
     cache.check(config, b, t)
+    unpadded = start is None
     if start is None:
         start = torch.zeros(b, dtype=torch.long, device=idx.device)
     elif start.shape != (b,):
@@ -104,7 +106,7 @@ def prefill(
     input_pos = torch.arange(t, device=idx.device)  # (T,)
     logits = gpt_cached_logits(
         params, idx, cache.keys, cache.values, input_pos, start,
-        config.num_layers, config.num_heads, config.layer_norm_eps, True,
+        config.num_layers, config.num_heads, config.layer_norm_eps, True, unpadded,
     )  # (B, 1, V)
     return logits[:, -1], KVCache(cache.keys, cache.values, start)
 

@@ -27,7 +27,10 @@ def test_cached_logits_equal_uncached(cfg, batch, length, data):
     split = data.draw(st.integers(1, length - 1), label="prompt length")
     full = gpt_forward(params, idx, cfg)  # (B, T, V)
     cache = KVCache.create(cfg, batch, data.draw(st.integers(length, cfg.context_length), label="max_len"))
-    logits, cache = prefill(params, idx[:, :split], cache, cfg)
+    # start=None: the unpadded prefill (causal over the prompt alone); zeros: the masked
+    # attention over the whole cache that left-padded prompts take. Both must be exact.
+    start = data.draw(st.sampled_from([None, torch.zeros(batch, dtype=torch.long)]), label="start")
+    logits, cache = prefill(params, idx[:, :split], cache, cfg, start)
     torch.testing.assert_close(logits, full[:, split - 1], atol=1e-5, rtol=0)
     for t in range(split, length):
         logits, cache = decode_step(params, idx[:, t], cache, torch.tensor([t]), cfg)

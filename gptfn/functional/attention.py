@@ -120,10 +120,12 @@ def multi_head_attention(
     checkpoint does. Dropout (training only) acts on the attention weights; the residual
     dropout after the projection belongs to ``transformer_block``.
 
-    With a KV cache (``k_cache``, ``v_cache``, ``input_pos`` and ``attn_mask`` all given) the
-    new keys and values are written into the cache at slots ``input_pos`` (in place: the
-    cache is state the caller passes in and keeps) and the queries attend over the whole
-    cache under ``attn_mask`` (see ``gptfn.functional.attention_mask``).
+    With a KV cache (``k_cache``, ``v_cache`` and ``input_pos`` given) the new keys and
+    values are written into the cache at slots ``input_pos`` (in place: the cache is state
+    the caller passes in and keeps). With ``attn_mask`` the queries attend over the whole
+    cache under it (see ``gptfn.functional.attention_mask``). Without it the new tokens must
+    be the first ones of unpadded rows (slots 0..T-1: a prefill), and attention is causal
+    over them alone, as without a cache (the fused causal kernel; no (T, T_max) mask).
 
     Shapes: x (B, T, d_in), c_attn_weight (d_in, 3 d_out), c_proj_weight (d_out, d_out)
     -> (B, T, d_out); caches (B, nh, T_max, hs), input_pos (T,), attn_mask (B, 1, T, T_max).
@@ -137,9 +139,12 @@ def multi_head_attention(
     if k_cache is not None and v_cache is not None and input_pos is not None:
         k_cache[:, :, input_pos] = k  # (B, nh, T, hs) -> slots of (B, nh, T_max, hs)
         v_cache[:, :, input_pos] = v
-        y = F.scaled_dot_product_attention(
-            q, k_cache, v_cache, attn_mask=attn_mask, dropout_p=p
-        )  # (B, nh, T, T_max) @ (B, nh, T_max, hs) -> (B, nh, T, hs)
+        if attn_mask is not None:
+            y = F.scaled_dot_product_attention(
+                q, k_cache, v_cache, attn_mask=attn_mask, dropout_p=p
+            )  # (B, nh, T, T_max) @ (B, nh, T_max, hs) -> (B, nh, T, hs)
+        else:  # a prefill of unpadded rows: the cache holds nothing older than k, v
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # (B, nh, T, hs)
     else:
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # (B, nh, T, hs)
     y = merge_heads(y)  # (B, nh, T, hs) -> (B, T, d_out)

@@ -213,6 +213,7 @@ def gpt_cached_logits(
     num_heads: int,
     eps: float,
     last_only: bool = False,
+    prefix: bool = False,
 ) -> Tensor:
     """The forward pass of new tokens against a KV cache (inference: no dropout).
 
@@ -221,13 +222,17 @@ def gpt_cached_logits(
     position s - start[b]. The keys and values of the new tokens are written into
     ``k_caches[i]`` / ``v_caches[i]`` in place. ``idx`` is not checked here (callers check
     once, outside the decode loop, to keep device syncs out of it). With ``last_only`` only
-    the last position's logits are computed (what prefill needs).
+    the last position's logits are computed (what prefill needs). ``prefix`` says that
+    ``idx`` fills slots 0..T-1 of rows without padding (``start`` all 0, unchecked): a
+    prefill, whose attention then needs no mask over the whole cache.
 
     Shapes: idx (B, T), caches (B, nh, T_max, hs), input_pos (T,), start (B,)
     -> logits (B, T, V), or (B, 1, V) with last_only.
     """
     pos = (input_pos.view(1, -1) - start.view(-1, 1)).clamp(min=0)  # (B, T)
-    mask = attention_mask(input_pos, start, k_caches[0].size(2))  # (B, 1, T, T_max)
+    mask: Optional[Tensor] = None
+    if not prefix:
+        mask = attention_mask(input_pos, start, k_caches[0].size(2))  # (B, 1, T, T_max)
     x = embed(idx, pos, params["wte.weight"], params["wpe.weight"])  # (B, T, C)
     for i in range(num_layers):
         x = block_forward(
