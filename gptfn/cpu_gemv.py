@@ -10,9 +10,11 @@ difference in the same run).
 
 So when ``gptfn.functional.linear`` / ``lm_head`` get a single row of fp32 CPU data and
 no gradient is needed, they call this op, which hands numpy views of the same memory to
-OpenBLAS (no copy, the weights stay in their one layout). The op is opaque to
-torch.compile (it has a fake implementation for tracing) and absent from TorchScript
-(the functional core only calls it when not scripting).
+OpenBLAS (no copy, the weights stay in their one layout). It is absent from TorchScript
+(the functional core only calls it when not scripting). Under torch.compile the core
+writes the product as slabbed reductions instead (``gptfn.functional.layers.row_product``),
+which inductor vectorizes across both cores and which stream faster still; the op keeps
+a fake implementation for tracing code that calls it directly.
 
 OpenBLAS is held to one thread during the call: its worker threads would otherwise
 compete with torch's OpenMP threads, which spin between ops (measured: 5x slower).

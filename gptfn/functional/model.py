@@ -126,11 +126,13 @@ def tied_head(x: Tensor, wte: Tensor) -> Tensor:
     Shapes: x (B, T, C), wte (V, C) -> (B, T, V).
     """
     if not torch.jit.is_scripting():
-        if one_cpu_row(x, wte):  # one row: OpenBLAS GEMV (see gptfn/cpu_gemv.py)
-            if torch.compiler.is_compiling():
+        compiling = torch.compiler.is_compiling()
+        if one_cpu_row(x, wte, compiling):  # one row: see gptfn/cpu_gemv.py
+            if compiling:
                 # inductor makes this one vectorized reduction over wte's contiguous rows,
                 # which streams faster than the BLAS call (benchmarks/decode.py)
-                return (x.unsqueeze(-2) * wte).sum(-1)  # (B, T, 1, C) * (V, C) -> (B, T, V)
+                logits = (x.unsqueeze(-2).float() * wte.float()).sum(-1)  # (B, T, 1, C) * (V, C) -> (B, T, V)
+                return logits.to(wte.dtype)
             logits = torch.ops.gptfn.gemv(x.reshape(1, -1), wte, True)  # (1, C) -> (1, V)
             return logits.view(x.shape[:-1] + (wte.size(0),))
     return F.linear(x, wte)  # (B, T, C) @ (C, V) -> (B, T, V)
