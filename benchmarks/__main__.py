@@ -70,6 +70,8 @@ def main(argv=None) -> int:
         target = Target.parse(args.device, args.dtype, args.peak_gbps, args.peak_tflops)
     except ValueError as exc:
         parser.error(str(exc))
+    if target.is_cuda and target.device.index is not None:
+        torch.cuda.set_device(target.device)  # events and streams on the device measured
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -107,7 +107,7 @@ def environment() -> dict:
     if torch is not None:
         env["torch_threads"] = torch.get_num_threads()
         if torch.cuda.is_available():
-            props = torch.cuda.get_device_properties(0)
+            props = torch.cuda.get_device_properties(torch.cuda.current_device())
             env["gpu"] = props.name
             env["gpu_memory_gb"] = round(props.total_memory / 1e9, 1)
             env["gpu_capability"] = f"{props.major}.{props.minor}"
