@@ -1,8 +1,8 @@
 """Peak-memory workload: the memory each variant needs, each in a process of its own.
 
 Memory cannot be compared inside one process (the allocator keeps what earlier variants
-freed), so each variant runs in a fresh process that builds only its own model and
-reports, from /proc/self/status, its resident set after building the model and its
+freed), so each variant runs in a fresh process that builds only its own model (and
+imports transformers only for HF's) and reports, from /proc/self/status, its resident set after building the model and its
 high-water mark after running (VmHWM belongs to the process image, so nothing from the
 parent that started it is counted). On CUDA (``--device cuda``) the probe reports torch's
 allocated bytes after building and their peak instead (``torch.cuda.max_memory_allocated``).
@@ -23,7 +23,6 @@ from benchmarks.harness import environment, quick_config
 PROBE = r"""
 import json, sys
 import torch, torch.nn.functional as F
-import transformers
 from gptfn import GPTConfig, GPTModel
 from gptfn.generation import generate
 from gptfn.train import TrainSettings, make_optimizer
@@ -44,6 +43,7 @@ device, dtype = torch.device(sys.argv[6]), getattr(torch, sys.argv[7])
 cuda = device.type == "cuda"
 torch.manual_seed(0)
 if variant.startswith("hf"):
+    import transformers  # only here: its import alone takes seconds
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg.to_hf_dict()))
 else:
     model = GPTModel(cfg, seed=0)
