@@ -3,8 +3,7 @@
 
 Every workload runs on the CPU in fp32 by default. ``--device cuda --dtype bf16`` runs the
 model workloads on a GPU (CUDA-event timing, the datasheet's bandwidth and FLOP/s as the
-rooflines, HF's static cache + torch.compile as a second peer in decode); the exported-
-artifact workload is CPU fp32 only and is skipped elsewhere unless named.
+rooflines, HF's static cache + torch.compile as a second peer in decode).
 """
 
 from __future__ import annotations
@@ -75,13 +74,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cpu_fp32 = not target.is_cuda and target.dtype == torch.float32
     for name in args.workloads or WORKLOADS:
-        if name == "artifacts" and not cpu_fp32:
-            if args.workloads:
-                parser.error("the artifacts workload runs on the CPU in fp32 only")
-            print("artifacts: skipped (CPU fp32 only)\n")
-            continue
         if name == "decode":
             result = decode.bench_decode(args.quick, rounds, preset=args.model, target=target,
                                          hf_compiled=args.hf_compiled or None)
@@ -98,7 +91,8 @@ def main(argv=None) -> int:
         elif name == "memory":
             result = memory.bench_memory(args.quick, preset=args.model, target=target)
         elif name == "artifacts":
-            result = artifacts.bench_artifacts(args.quick, rounds, preset=args.model)
+            result = artifacts.bench_artifacts(args.quick, rounds, preset=args.model,
+                                               target=target)
         elif name == "training":
             result = training.bench_training(args.quick, rounds, preset=args.model,
                                              target=target, batch_size=args.batch_size)

@@ -4,23 +4,29 @@ and how fast they run, next to eager gptfn.
 The artifacts are built by the export suite (``export.build``), each verified against eager
 before it is used. Forward latency (batch 1, a 128-token prompt; 32 with --quick) is timed
 in interleaved rounds; size, load time, first call and per-token decode latency come from
-the export suite's verification report (one run each).
+the export suite's verification report (one run each). On the run's device and dtype
+(bf16 artifacts are verified against an fp32 reference, see ``export.verify``).
 """
 
 from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import torch
 
+from benchmarks.device import Target
 from benchmarks.harness import environment, interleaved, quick_config
 
 
-def bench_artifacts(quick: bool, rounds: int, preset: str = "gpt2", log=print) -> dict:
-    from export.build import build, load_torchscript
+def bench_artifacts(quick: bool, rounds: int, preset: str = "gpt2",
+                    target: Optional[Target] = None, log=print) -> dict:
+    from export.build import build, check_request, load_torchscript
     from export.verify import verify
     from gptfn import GPTConfig, GPTModel
+
+    target = target or Target.parse()
 
     if quick:
         cfg = quick_config(context_length=64, embed_dim=64)
@@ -28,14 +34,16 @@ def bench_artifacts(quick: bool, rounds: int, preset: str = "gpt2", log=print) -
     else:
         cfg = GPTConfig.from_preset(preset, dropout_rate=0.0)
         length, max_seq_len = 128, 256
-    model = GPTModel(cfg, seed=0).eval()
+    model = GPTModel(cfg, seed=0).eval().to(device=target.device, dtype=target.dtype)
     idx = torch.randint(0, cfg.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
+    idx = idx.to(target.device)
     reports = {}
     with tempfile.TemporaryDirectory(prefix="gptfn-artifacts-") as tmp, torch.no_grad():
         paths = {"torchscript": Path(tmp) / "gpt.pt", "pt2": Path(tmp) / "gpt.pt2",
                  "aoti": Path(tmp) / "gpt_aoti.pt2"}
+        check_request(cfg, paths["pt2"], max_seq_len, target.device, target.dtype)
         for kind, path in paths.items():
-            log(f"artifacts: building and verifying {kind}")
+            log(f"artifacts: building and verifying {kind} on {target.describe()}")
             reports[kind] = build(kind, model, path, max_seq_len,
                                   lambda k, p: verify(k, p, model, max_seq_len))
         runners = {
@@ -46,7 +54,7 @@ def bench_artifacts(quick: bool, rounds: int, preset: str = "gpt2", log=print) -
         }
         log(f"artifacts: forward latency, {rounds} interleaved rounds")
         samples = interleaved({k: (lambda r=r: r(idx)) for k, r in runners.items()},
-                              rounds=rounds, warmup=2)
+                              rounds=rounds, warmup=2, clock=target.clock())
     rows = []
     for name in runners:
         rep = reports.get(name, {})
@@ -66,7 +74,8 @@ def bench_artifacts(quick: bool, rounds: int, preset: str = "gpt2", log=print) -
               f"{fmt(r['size_mb'], '.1f')} | {fmt(r['load_s'], '.2f')} | "
               f"{fmt(r['per_token_ms'], '.2f')} | {fmt(r['eager_per_token_ms'], '.2f')} |"
               for r in rows]
-    return {"workload": "artifacts", "config": cfg.to_dict(), "prompt": length,
+    return {"workload": "artifacts", "config": cfg.to_dict(), "device": str(target.device),
+            "dtype": target.dtype_name, "prompt": length,
             "max_seq_len": max_seq_len, "rounds": rounds, "samples_s": samples.times,
             "reports": reports, "rows": rows, "environment": environment(),
             "table": "\n".join(lines)}

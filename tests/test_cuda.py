@@ -65,7 +65,8 @@ def test_bf16_autocast_training_learns_on_the_gpu(tmp_path):
 
 def test_quick_benchmarks_on_the_gpu(tmp_path):
     r = subprocess.run([sys.executable, "-m", "benchmarks", "decode", "prefill", "training",
-                        "loading", "memory", "--quick", "--device", "cuda", "--dtype", "bf16",
+                        "loading", "memory", "compile", "artifacts", "--quick", "--device",
+                        "cuda", "--dtype", "bf16",
                         "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT,
                        timeout=600)
     assert r.returncode == 0, r.stderr
