@@ -85,7 +85,8 @@ def one_cpu_row(x: Tensor, weight: Tensor, compiled: bool = False) -> bool:
 
 # Rows of the weight per slab in ``row_product``: measured on GPT-2 124M's compiled decode
 # on this CPU, 8 gave 73-78 tokens/s in fp32 and 97 in bf16 (4: 50 and 87; 16: 72 and 77;
-# 32: 67), against 58 and 61 for the BLAS routes.
+# 32: 67), against 58 and 61 for the BLAS routes. At GPT-2 XL's widths it only matches the
+# eager OpenBLAS route (5.4 against 5.3 tokens/s in fp32).
 ROW_SLAB = 8
 
 
