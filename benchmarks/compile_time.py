@@ -55,9 +55,9 @@ print(json.dumps({"decode_s": first_s - second_s, "forward_s": forward_s,
 
 def _probe(cfg_dict: dict, prompt: int, new: int, cache_dir: str, target: Target) -> dict:
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache_dir)
-    dtype = str(target.dtype).removeprefix("torch.")
     r = subprocess.run([sys.executable, "-c", PROBE, json.dumps(cfg_dict), str(prompt), str(new),
-                        str(target.device), dtype], capture_output=True, text=True, env=env)
+                        str(target.device), target.torch_dtype_name],
+                       capture_output=True, text=True, env=env)
     if r.returncode != 0:
         raise RuntimeError(f"compile probe failed: {r.stderr.strip()[-2000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])

@@ -32,8 +32,9 @@ from typing import Dict, List, Optional
 
 import torch
 
-from benchmarks.device import Clock, Target
-from benchmarks.harness import Samples, environment, interleaved, quick_config
+from benchmarks.device import Clock, Target, per_round
+from benchmarks.harness import (Samples, environment, hf_peer, interleaved, quick_config,
+                                relative_error)
 
 
 class _Stamps:
@@ -68,7 +69,7 @@ def bandwidth_probes(target: Target, mib: int = 256):
     import gptfn.cpu_gemv  # noqa: F401  (registers gptfn::gemv where OpenBLAS is there)
 
     cols = 768
-    itemsize = torch.empty(0, dtype=target.dtype).element_size()
+    itemsize = target.dtype.itemsize
     rows = mib * (1 << 20) // (itemsize * cols)
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(rows, cols, generator=gen).to(target.device, target.dtype)
@@ -86,17 +87,6 @@ def bandwidth_probes(target: Target, mib: int = 256):
     return gemv, stream, w.numel() * itemsize
 
 
-def hf_peer(cfg, model, target: Target):
-    """HF's GPT2LMHeadModel holding ``model``'s weights, on the target's device and dtype."""
-    import transformers
-
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg.to_hf_dict()))
-    missing, unexpected = hf.transformer.load_state_dict(model.state_dict(), strict=False)
-    if unexpected or any(not k.endswith(("attn.bias", "attn.masked_bias")) for k in missing):
-        raise RuntimeError(f"HF model did not take gptfn's weights: {missing} {unexpected}")
-    return hf.to(device=target.device, dtype=target.dtype).eval()
-
-
 def _hf_compile_kwargs(target: Target) -> dict:
     """generate() arguments for HF's static cache + torch.compile path (auto-compiled on
     CUDA with CUDA graphs; on the CPU only when asked, so it is asked, in mode default)."""
@@ -107,12 +97,6 @@ def _hf_compile_kwargs(target: Target) -> dict:
     config = CompileConfig(mode="default")
     config._compile_all_devices = True  # HF's switch for compiling off accelerators
     return {"cache_implementation": "static", "compile_config": config}
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||a - b|| / ||b||, in float64."""
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm())
 
 
 def bench_decode(quick: bool, rounds: int, preset: str = "gpt2", prompt_len: int = 128,
@@ -194,12 +178,11 @@ def bench_decode(quick: bool, rounds: int, preset: str = "gpt2", prompt_len: int
     bandwidth = [probe_bytes / t for t in samples.times["gemv"]]  # bytes/s per round
     streaming = [probe_bytes / t for t in samples.times["stream"]]
     spec_bandwidth, _ = target.spec()
-    roofline = [spec_bandwidth] * rounds if spec_bandwidth else bandwidth
+    roofline = per_round(spec_bandwidth, probe_bytes, samples.times["gemv"])
     roofline_name = "datasheet" if spec_bandwidth else "GEMV"
-    itemsize = torch.empty(0, dtype=target.dtype).element_size()
-    need = bytes_per_step(cfg, prompt_len + new_tokens, batch_size, itemsize)
+    need = bytes_per_step(cfg, prompt_len + new_tokens, batch_size, target.dtype.itemsize)
     step_bytes = need["params"] + need["cache"]
-    per_round = Samples({k: [1.0 / r for r in v] for k, v in rates.items()})  # s per token
+    per_token = Samples({k: [1.0 / r for r in v] for k, v in rates.items()})  # s per token
     rows = []
     for name in names:
         steps = [r / batch_size for r in rates[name]]  # decode steps per second
@@ -211,8 +194,8 @@ def bench_decode(quick: bool, rounds: int, preset: str = "gpt2", prompt_len: int
             "ms_per_token": 1e3 / statistics.median(steps),
             "min_tokens_per_s": min(rates[name]),
             "max_tokens_per_s": max(rates[name]),
-            "ratio_vs_hf": per_round.ratio(name, "hf"),
-            "ratio_vs_eager": per_round.ratio(name, "eager"),
+            "ratio_vs_hf": per_token.ratio(name, "hf"),
+            "ratio_vs_eager": per_token.ratio(name, "eager"),
             "mbu": statistics.median(mbu),
             "of_stream": statistics.median(of_stream),
         })

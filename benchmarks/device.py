@@ -79,6 +79,12 @@ class Target:
         return DTYPES[self.dtype_name]
 
     @property
+    def torch_dtype_name(self) -> str:
+        """``float32`` / ``bfloat16`` / ``float16``: the name ``getattr(torch, ...)`` takes
+        (how the workloads' child processes receive the dtype)."""
+        return str(self.dtype).removeprefix("torch.")
+
+    @property
     def is_cuda(self) -> bool:
         return self.device.type == "cuda"
 
@@ -141,6 +147,14 @@ class Clock:
         """Wait until the device has done everything queued so far."""
         if self.cuda:
             torch.cuda.synchronize(self._device)
+
+
+def per_round(spec: Optional[float], work: float, probe_times) -> list:
+    """The roofline of each round: the datasheet's figure where there is one, else the
+    rate of a probe that does ``work`` (bytes or FLOPs) in that round's time."""
+    if spec:
+        return [spec] * len(probe_times)
+    return [work / t for t in probe_times]
 
 
 def gemm_probe(target: Target, size: int = 1024):

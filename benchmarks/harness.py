@@ -124,6 +124,24 @@ def write_report(out_dir: Path, name: str, result: dict, table: str) -> None:
     atomic_write_text(out_dir / f"{name}.md", table + "\n")
 
 
+def hf_peer(cfg, model, target):
+    """HF's GPT2LMHeadModel holding ``model``'s weights (checked: every key taken), on the
+    target's device and dtype, in eval mode."""
+    import transformers
+
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg.to_hf_dict()))
+    missing, unexpected = hf.transformer.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any(not k.endswith(("attn.bias", "attn.masked_bias")) for k in missing):
+        raise RuntimeError(f"HF model did not take gptfn's weights: {missing} {unexpected}")
+    return hf.to(device=target.device, dtype=target.dtype).eval()
+
+
+def relative_error(a, b) -> float:
+    """||a - b|| / ||b||, in float64."""
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm())
+
+
 def quick_config(context_length: int = 256, embed_dim: int = 128, dropout_rate: float = 0.0):
     """The tiny model every workload uses with --quick: 2 layers, 4 heads, 2048 tokens."""
     from gptfn import GPTConfig

@@ -101,7 +101,7 @@ def bench_memory(quick: bool, preset: str = "gpt2", target: Optional[Target] = N
         log(f"memory: {variant} in a fresh process")
         r = subprocess.run([sys.executable, "-c", PROBE, json.dumps(cfg.to_dict()), variant,
                             str(length), str(new), str(train_batch), str(target.device),
-                            str(target.dtype).removeprefix("torch.")],
+                            target.torch_dtype_name],
                            capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"memory probe {variant} failed: {r.stderr.strip()[-2000:]}")

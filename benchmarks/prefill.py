@@ -19,9 +19,8 @@ from typing import Dict, List, Optional
 
 import torch
 
-from benchmarks.decode import hf_peer, relative_error
-from benchmarks.device import Target, gemm_probe
-from benchmarks.harness import environment, interleaved, quick_config
+from benchmarks.device import Target, gemm_probe, per_round
+from benchmarks.harness import environment, hf_peer, interleaved, quick_config, relative_error
 
 
 def prefill_flops(cfg, t: int) -> int:
@@ -80,8 +79,7 @@ def bench_prefill(quick: bool, rounds: int, preset: str = "gpt2",
                               warmup=1, clock=clock)
         samples_all[t] = samples.times
         flops = prefill_flops(cfg, t)
-        peaks = ([spec_flops] * rounds if spec_flops
-                 else [gemm_flops / s for s in samples.times["gemm"]])
+        peaks = per_round(spec_flops, gemm_flops, samples.times["gemm"])
         for name in ("hf", "eager"):
             mfu = [flops / s / p for s, p in zip(samples.times[name], peaks)]
             rows.append({"T": t, "variant": name, "ttft_ms": samples.median(name) * 1e3,

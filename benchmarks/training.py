@@ -23,8 +23,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from benchmarks.device import Target, gemm_probe
-from benchmarks.harness import Samples, environment, interleaved, quick_config
+from benchmarks.device import Target, gemm_probe, per_round
+from benchmarks.harness import Samples, environment, hf_peer, interleaved, quick_config
 
 
 def _step_fn(model, optimizer, batches, loss_of, target: Target):
@@ -56,8 +56,6 @@ def training_flops_per_token(cfg, n_params: int) -> int:
 def bench_training(quick: bool, rounds: int, preset: str = "gpt2",
                    target: Optional[Target] = None, batch_size: Optional[int] = None,
                    log=print) -> dict:
-    import transformers
-
     from gptfn import GPTConfig, GPTModel
     from gptfn.train import TrainSettings, make_optimizer
 
@@ -75,9 +73,8 @@ def bench_training(quick: bool, rounds: int, preset: str = "gpt2",
     batch = batch_size or batch
     dev = target.device
     ours = GPTModel(cfg, seed=0).train()
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg.to_hf_dict())).train()
-    hf.transformer.load_state_dict(ours.state_dict(), strict=False)
-    ours, hf = ours.to(dev), hf.to(dev)
+    hf = hf_peer(cfg, ours, Target(dev)).train()  # fp32 weights: autocast does the rest
+    ours = ours.to(dev)
     if hf.lm_head.weight.data_ptr() != hf.transformer.wte.weight.data_ptr():
         raise RuntimeError("HF's head is not tied to wte")
     settings = TrainSettings(lr=3e-4)
@@ -101,8 +98,7 @@ def bench_training(quick: bool, rounds: int, preset: str = "gpt2",
                                    progress=lambda m: log(f"  {m}"))
     flops_per_token = training_flops_per_token(cfg, ours.num_params())
     _, spec_flops = target.spec()
-    peaks = ([spec_flops] * rounds if spec_flops
-             else [gemm_flops / s for s in samples.times["gemm"]])
+    peaks = per_round(spec_flops, gemm_flops, samples.times["gemm"])
     rows = []
     for name in ("hf", "gptfn"):
         t = samples.median(name)

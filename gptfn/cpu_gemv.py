@@ -13,8 +13,9 @@ no gradient is needed, they call this op, which hands numpy views of the same me
 OpenBLAS (no copy, the weights stay in their one layout). It is absent from TorchScript
 (the functional core only calls it when not scripting). Under torch.compile the core
 writes the product as slabbed reductions instead (``gptfn.functional.layers.row_product``),
-which inductor vectorizes across both cores and which stream faster still; the op keeps
-a fake implementation for tracing code that calls it directly.
+which inductor vectorizes across both cores (1.34x this op's eager decode on GPT-2 124M;
+level with it at GPT-2 XL's widths); the op keeps a fake implementation for tracing code that
+calls it directly.
 
 OpenBLAS is held to one thread during the call: its worker threads would otherwise
 compete with torch's OpenMP threads, which spin between ops (measured: 5x slower).

@@ -73,11 +73,12 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> Tuple[Tensor,
     return idx, mask
 
 
-def _pad_starts(attention_mask: Optional[Tensor], idx: Tensor) -> Tensor:
-    """(B,) first real position of each row, checking the mask is left padding."""
+def _pad_starts(attention_mask: Optional[Tensor], idx: Tensor) -> Optional[Tensor]:
+    """(B,) first real position of each row, checking the mask is left padding; None
+    without a mask (no padding: ``prefill``'s default, its unmasked fast path)."""
     b, t = idx.shape
     if attention_mask is None:
-        return torch.zeros(b, dtype=torch.long, device=idx.device)
+        return None
     if attention_mask.shape != idx.shape:
         raise ValueError(
             f"attention_mask must have the shape of idx {list(idx.shape)}, "
@@ -147,8 +148,7 @@ def generate_tokens(
             # they keep their address: the weights and the cache (written in place) do.
             for tensor in [*params.values(), *cache.keys, *cache.values]:
                 torch._dynamo.mark_static_address(tensor)
-        logits, cache = prefill(params, idx, cache, config,
-                                start if attention_mask is not None else None)  # (B, V)
+        logits, cache = prefill(params, idx, cache, config, start)  # (B, V)
         done = torch.zeros(b, dtype=torch.bool, device=wte.device)
         for step in range(max_new_tokens):
             token = sample_next(logits, float(temperature), k, p, generator)  # (B,)

@@ -43,8 +43,9 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     Shapes: x (..., in), weight (in, out), bias (out,) or None -> (..., out).
     """
     if not torch.jit.is_scripting():
-        if one_cpu_row(x, weight, compiled=torch.compiler.is_compiling()):
-            if torch.compiler.is_compiling():
+        compiling = torch.compiler.is_compiling()
+        if one_cpu_row(x, weight, compiling):
+            if compiling:
                 y = row_product(x, weight)  # (..., in) -> (..., out), one row
             else:
                 y = torch.ops.gptfn.gemv(x.reshape(1, -1), weight, False)  # (1, in) -> (1, out)
