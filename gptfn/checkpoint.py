@@ -11,15 +11,22 @@ directory ``ckpt-{step:08d}/``:
   the training settings, and anything else the trainer passes;
 - ``rng.safetensors``: the CPU (and CUDA) generator states.
 
-Saving writes a new directory, then replaces ``checkpoint.json`` atomically, then deletes
-the previous checkpoint: a crash at any point leaves ``checkpoint.json`` naming a whole
-checkpoint.
+Saving writes a new directory under a temporary name, renames it, then replaces
+``checkpoint.json`` atomically, then deletes the other checkpoints: a crash at any point
+leaves ``checkpoint.json`` naming a whole checkpoint.
+
+``checkpoint.json`` is read from disk, so it is not trusted: its ``latest`` must be the name
+of a checkpoint directory inside the run directory (``ckpt-`` and eight digits, the same step
+as its ``step``), or loading stops with an error. Nothing gptfn deletes is taken from a
+file: it deletes only entries of the run directory whose names it makes itself, never
+through a symbolic link.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,12 +36,18 @@ import torch
 from torch import Tensor, nn
 
 from gptfn.config import GPTConfig
-from gptfn.fileio import atomic_write_text
+from gptfn.fileio import atomic_write_text, fsync_dir
 from gptfn.params import param_shapes
 from gptfn.weights import load_params, save_params
 from gptfn.weights.safetensors_io import SafetensorsError, load_safetensors, save_safetensors
 
 POINTER = "checkpoint.json"
+_CKPT = re.compile(r"ckpt-(\d{8})")
+_CKPT_TMP = re.compile(r"\.ckpt-\d{8}\.tmp")
+_ADAM_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+# 2: optimizer state keyed by the true parameter names. Before it, keys paired the
+# optimizer's indices with the model's order; such checkpoints load as they always did.
+STATE_FORMAT = 2
 
 
 @dataclass
@@ -47,8 +60,11 @@ class Checkpoint:
     path: Path
 
 
-def _param_names(model: nn.Module) -> List[str]:
-    return [name for name, _ in model.named_parameters()]
+def _optimizer_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> List[str]:
+    """The parameter name for each index of ``optimizer.state_dict()``: indices count the
+    parameters in param-group order, not in the model's order."""
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    return [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
 
 
 def save_checkpoint(
@@ -65,9 +81,9 @@ def save_checkpoint(
     step = int(state["step"])
     final = run_dir / f"ckpt-{step:08d}"
     tmp = run_dir / f".ckpt-{step:08d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_entry(tmp, run_dir)
     tmp.mkdir()
-    names = _param_names(model)
+    names = _optimizer_names(model, optimizer)
     params = {k: v.detach() for k, v in model.state_dict().items()}
     save_params(params, tmp, config)
     opt = optimizer.state_dict()
@@ -87,26 +103,55 @@ def save_checkpoint(
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             rng[f"cuda{i}"] = s
     save_safetensors(rng, tmp / "rng.safetensors")
-    doc = {"state": state, "param_groups": groups, "optimizer_scalars": scalars}
+    doc = {"format": STATE_FORMAT, "state": state, "param_groups": groups,
+           "optimizer_scalars": scalars}
     atomic_write_text(tmp / "state.json", json.dumps(doc, indent=2) + "\n")
-    if final.exists():
-        shutil.rmtree(final)
+    fsync_dir(tmp)
+    remove_entry(final, run_dir)  # a checkpoint of this step that a killed run left
     os.replace(tmp, final)
-    previous = _pointed(run_dir)
     atomic_write_text(run_dir / POINTER, json.dumps({"latest": final.name, "step": step}) + "\n")
-    if previous is not None and previous != final and previous.exists():
-        shutil.rmtree(previous)
+    for entry in run_dir_entries(run_dir):
+        if entry != final and (_CKPT.fullmatch(entry.name) or _CKPT_TMP.fullmatch(entry.name)):
+            remove_entry(entry, run_dir)
     return final
 
 
+def run_dir_entries(run_dir: Path) -> List[Path]:
+    return sorted(run_dir.iterdir()) if run_dir.is_dir() else []
+
+
+def remove_entry(path: Path, run_dir: Path) -> None:
+    """Delete ``path``, a direct child of ``run_dir``: a directory tree, a file, or a symbolic
+    link (the link itself, never what it points to). Anything else is refused."""
+    if path.parent != run_dir or path.name in ("", ".", ".."):
+        raise ValueError(f"refusing to delete {path}: not an entry of {run_dir}")
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
 def _pointed(run_dir: Path) -> Optional[Path]:
+    """The checkpoint directory ``checkpoint.json`` names, checked (see the module docstring)."""
     pointer = run_dir / POINTER
     if not pointer.is_file():
         return None
     try:
-        return run_dir / json.loads(pointer.read_text())["latest"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{pointer} is corrupt ({e})") from None
+        doc = json.loads(pointer.read_text(encoding="utf-8"))
+        latest, step = doc["latest"], doc["step"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{pointer} is corrupt ({type(e).__name__}: {e})") from None
+    match = _CKPT.fullmatch(latest) if isinstance(latest, str) else None
+    if match is None:
+        raise ValueError(
+            f"{pointer} names {latest!r} as the latest checkpoint, but a checkpoint must be a "
+            f"directory ckpt-NNNNNNNN inside {run_dir}: refusing to use it")
+    if isinstance(step, bool) or not isinstance(step, int) or int(match.group(1)) != step:
+        raise ValueError(f"{pointer} is corrupt: step {step!r} does not match {latest}")
+    path = run_dir / latest
+    if path.is_symlink() or not path.is_dir():
+        raise ValueError(f"{pointer} names {latest}, but {path} is not a checkpoint directory")
+    return path
 
 
 def has_checkpoint(run_dir: Union[str, os.PathLike]) -> bool:
@@ -114,33 +159,96 @@ def has_checkpoint(run_dir: Union[str, os.PathLike]) -> bool:
 
 
 def load_checkpoint(run_dir: Union[str, os.PathLike]) -> Checkpoint:
-    """The checkpoint ``checkpoint.json`` names, checked; errors name what is wrong."""
+    """The checkpoint ``checkpoint.json`` names, checked; errors name the file and what is
+    wrong with it."""
     run_dir = Path(run_dir)
     path = _pointed(run_dir)
     if path is None:
         raise FileNotFoundError(f"no checkpoint in {run_dir} (no {POINTER})")
     try:
         config, params = load_params(path)
-        tensors = load_safetensors(path / "optimizer.safetensors")
-        rng = load_safetensors(path / "rng.safetensors")
-        doc = json.loads((path / "state.json").read_text(encoding="utf-8"))
-        groups, scalars, state = doc["param_groups"], doc["optimizer_scalars"], doc["state"]
-    except (SafetensorsError, json.JSONDecodeError, KeyError, UnicodeDecodeError,
-            FileNotFoundError) as e:
-        raise ValueError(f"checkpoint {path} is corrupt or incomplete: {e}") from None
-    names = list(param_shapes(config))  # canonical order = GPTModel.named_parameters order
+    except (SafetensorsError, ValueError, FileNotFoundError) as e:
+        raise ValueError(f"checkpoint {path}: the model is unreadable: {e}") from None
+    state, groups, scalars, labelled = _read_state(path / "state.json", path)
+    rng = _read_rng(path / "rng.safetensors")
+    names = list(param_shapes(config))
+    if labelled:  # the optimizer's index order: its groups' parameters, in turn
+        names = [n for g in groups if isinstance(g, dict) for n in g.get("params", [])]
+        if sorted(names) != sorted(param_shapes(config)):
+            raise ValueError(f"{path / 'state.json'}: the param groups do not list every "
+                             "parameter once")
     index = {n: i for i, n in enumerate(names)}
+    opt_state = _read_optimizer(path / "optimizer.safetensors", params if labelled else None,
+                                index, scalars)
+    param_groups = []
+    for g in groups:
+        unknown = [n for n in g.get("params", []) if n not in index] if isinstance(g, dict) else [g]
+        if not isinstance(g, dict) or not isinstance(g.get("params"), list) or unknown:
+            raise ValueError(f"{path / 'state.json'}: a param group names unknown parameters {unknown[:3]}")
+        param_groups.append(g | {"params": [index[n] for n in g["params"]]})
+    return Checkpoint(config, params, {"state": opt_state, "param_groups": param_groups},
+                      state, rng, path)
+
+
+def _read_state(file: Path, path: Path):
+    try:
+        doc = json.loads(file.read_text(encoding="utf-8"))
+        state, groups, scalars = doc["state"], doc["param_groups"], doc["optimizer_scalars"]
+    except FileNotFoundError:
+        raise ValueError(f"checkpoint {path} is incomplete: {file.name} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{file} is corrupt ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or not isinstance(groups, list) or not isinstance(scalars, dict):
+        raise ValueError(f"{file} is corrupt: state, param_groups or optimizer_scalars has the wrong type")
+    for key in ("step", "tokens"):
+        value = state.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{file} is corrupt: {key} is {value!r}, not a count")
+    if f"ckpt-{state['step']:08d}" != path.name:
+        raise ValueError(f"{file} is corrupt: step {state['step']} in {path.name}")
+    return state, groups, scalars, doc.get("format") == STATE_FORMAT
+
+
+def _read_rng(file: Path) -> Dict[str, Tensor]:
+    try:
+        rng = load_safetensors(file)
+    except (SafetensorsError, FileNotFoundError) as e:
+        raise ValueError(f"checkpoint RNG state {file} is unreadable: {e}") from None
+    if "cpu" not in rng:
+        raise ValueError(f"{file} holds no CPU generator state ('cpu')")
+    try:
+        torch.Generator().set_state(rng["cpu"].clone())
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"{file}: 'cpu' is not a CPU generator state ({e})") from None
+    return rng
+
+
+def _read_optimizer(file: Path, params: Optional[Dict[str, Tensor]], index: Dict[str, int],
+                    scalars: Dict[str, Any]) -> Dict[int, Dict[str, Any]]:
+    """The optimizer state by index; with ``params``, each moment is checked against the
+    shape of the parameter it names."""
+    try:
+        tensors = load_safetensors(file)
+    except (SafetensorsError, FileNotFoundError) as e:
+        raise ValueError(f"checkpoint optimizer state {file} is unreadable: {e}") from None
     opt_state: Dict[int, Dict[str, Any]] = {}
     for key, value in tensors.items():
         name, _, sub = key.rpartition(".")
         if name not in index:
-            raise ValueError(f"checkpoint {path}: optimizer state for unknown parameter {name}")
+            raise ValueError(f"{file}: optimizer state for unknown parameter {name!r}")
+        if params is not None and sub in _ADAM_STATE and (
+                value.shape != params[name].shape or not value.is_floating_point()):
+            raise ValueError(
+                f"{file}: {key} has shape {tuple(value.shape)} and dtype {value.dtype}, but the "
+                f"parameter has shape {tuple(params[name].shape)}")
+        if sub == "step" and value.numel() != 1:
+            raise ValueError(f"{file}: {key} should hold one number, has shape {tuple(value.shape)}")
         opt_state.setdefault(index[name], {})[sub] = value
     for name, entry in scalars.items():
+        if name not in index or not isinstance(entry, dict):
+            raise ValueError(f"{file.with_name('state.json')}: bad optimizer scalars for {name!r}")
         opt_state.setdefault(index[name], {}).update(entry)
-    param_groups = [g | {"params": [index[n] for n in g["params"]]} for g in groups]
-    return Checkpoint(config, params, {"state": opt_state, "param_groups": param_groups},
-                      state, rng, path)
+    return opt_state
 
 
 def restore_rng(rng: Dict[str, Tensor]) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from typing import List, Optional
 
 from gptfn.config import PRESET_ALIASES, PRESETS
@@ -62,9 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", default="gpt2", help=f"preset ({names}) or checkpoint path")
     gen.add_argument("--prompt", default="Hello, I'm a language model,", help="the prompt text")
     gen.add_argument("--max-new-tokens", type=_positive_int, default=50, help="default 50")
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    gen.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens")
-    gen.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
+    gen.add_argument("--temperature", type=float, default=None,
+                     help="0 = greedy (the default, unless --top-k or --top-p is given: then 1)")
+    gen.add_argument("--top-k", type=int, default=None,
+                     help="sample from the k most likely tokens")
+    gen.add_argument("--top-p", type=float, default=None,
+                     help="sample from the smallest set of tokens holding this probability mass")
     gen.add_argument("--seed", type=int, default=0, help="sampling (and --random-init) seed")
     gen.add_argument("--compile", action="store_true", help="compile the decode step")
     gen.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: auto)")
@@ -113,7 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--data", required=True, help="text file or `gptfn prepare` directory")
     tr.add_argument("--config", default=None,
                     help="preset name or JSON file (with --init random; default gpt2)")
-    tr.add_argument("--out", required=True, help="run directory")
+    tr.add_argument("--out", required=True,
+                    help="run directory: gptfn writes only inside it, and refuses one that holds "
+                    "another run unless --resume or --overwrite is given")
     tr.add_argument("--init", default="random", help="random (default), a model name, or a path")
     tr.add_argument("--max-steps", type=_positive_int, default=1000, help="default 1000")
     tr.add_argument("--batch-size", type=_positive_int, default=8, help="per process (default 8)")
@@ -123,22 +129,34 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--lr", type=float, default=6e-4, help="peak learning rate (default 6e-4)")
     tr.add_argument("--warmup-steps", type=int, default=None,
                     help="default: 10%% of --max-steps, at most 100")
-    tr.add_argument("--eval-interval", type=_positive_int, default=100, help="default 100")
-    tr.add_argument("--eval-batches", type=_positive_int, default=10, help="default 10")
+    tr.add_argument("--eval-interval", type=_positive_int, default=100,
+                    help="steps between evaluations (default 100)")
+    tr.add_argument("--checkpoint-interval", type=_positive_int, default=None,
+                    help="steps between checkpoints (default: --eval-interval); Ctrl-C and "
+                    "SIGTERM also save one")
+    tr.add_argument("--eval-batches", type=_positive_int, default=10,
+                    help="batches per evaluation (default 10)")
     tr.add_argument("--seed", type=int, default=0, help="weights, data order, dropout")
     tr.add_argument("--device", default="auto", help="cpu, cuda (default: auto)")
     tr.add_argument("--resume", action="store_true", help="continue from RUN_DIR's checkpoint")
+    tr.add_argument("--overwrite", action="store_true",
+                    help="delete the run already in RUN_DIR (its checkpoints, metrics, plot and "
+                    "model) and start again")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
     tr.set_defaults(func=_cmd_train)
 
     ev = sub.add_parser("eval", help="loss and perplexity of a model on a text or corpus",
                         description="Mean next-token loss and perplexity over windows of DATA.")
-    ev.add_argument("--model", required=True, help="checkpoint path or model name")
+    ev.add_argument("--model", required=True,
+                    help=f"checkpoint path, or a name ({names}) whose weights are in the cache")
     ev.add_argument("--data", required=True, help="text file or `gptfn prepare` directory")
-    ev.add_argument("--context-length", type=_positive_int, default=None)
-    ev.add_argument("--batch-size", type=_positive_int, default=8)
-    ev.add_argument("--max-batches", type=_positive_int, default=None, help="default: all")
-    ev.add_argument("--device", default="auto")
+    ev.add_argument("--context-length", type=_positive_int, default=None,
+                    help="window length (default: the model's context_length)")
+    ev.add_argument("--batch-size", type=_positive_int, default=8, help="windows per batch (default 8)")
+    ev.add_argument("--max-batches", type=_positive_int, default=None,
+                    help="evaluate only the first N batches (default: all)")
+    ev.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: auto)")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev.set_defaults(func=_cmd_eval)
 
     prep = sub.add_parser(
@@ -170,6 +188,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from gptfn.tokenizer import BPETokenizer
     from gptfn.weights.resolve import load_model, parse_device, parse_dtype
 
+    if args.temperature is None:
+        args.temperature = 1.0 if (args.top_k is not None or args.top_p is not None) else 0.0
+    elif args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
+        print("gptfn: warning: --temperature 0 is greedy decoding, which ignores --top-k and "
+              "--top-p", file=sys.stderr)
     check_sampling(args.temperature, args.top_k, args.top_p)
     device, dtype = parse_device(args.device), parse_dtype(args.dtype)
     tokenizer = BPETokenizer()
@@ -235,12 +258,10 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     import os
-    from pathlib import Path
 
     import torch
 
-    from gptfn.config import GPTConfig
-    from gptfn.data import load_training_data
+    from gptfn.data import check_vocabulary, load_training_data
     from gptfn.modules import GPTModel
     from gptfn.tokenizer import BPETokenizer
     from gptfn.train import TrainSettings, train
@@ -258,30 +279,35 @@ def _cmd_train(args: argparse.Namespace) -> int:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
     try:
+        if args.resume and args.overwrite:
+            raise ValueError("--resume continues the run in --out and --overwrite deletes it: "
+                             "give one of them")
         if args.init == "random":
-            spec = args.config or "gpt2"
-            config = (GPTConfig.from_json(spec) if Path(spec).is_file()
-                      else GPTConfig.from_preset(spec))
+            config = _config_arg(args.config or "gpt2")
             model = GPTModel(config, seed=args.seed)
         else:
-            model = load_model(args.init)
             if args.config is not None:
                 raise ValueError("--config goes with --init random; a pretrained model brings its own")
+            model = load_model(args.init, random_hint=", or pass --init random (with "
+                               "--config) to train from random weights")
         context = args.context_length or model.config.context_length
         if context > model.config.context_length:
             raise ValueError(f"--context-length {context} exceeds the model's context_length "
                              f"{model.config.context_length}")
         tokenizer = BPETokenizer()
+        check_vocabulary(args.data, model.config.vocab_size)
         train_set, val_set = load_training_data(args.data, context, tokenizer)
         warmup = args.warmup_steps if args.warmup_steps is not None else min(100, args.max_steps // 10)
         settings = TrainSettings(
             max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
             lr=args.lr, warmup_steps=warmup, eval_interval=args.eval_interval,
             eval_batches=args.eval_batches, seed=args.seed,
+            checkpoint_interval=args.checkpoint_interval,
         )
+        log = lambda message: print(message, file=sys.stderr)  # noqa: E731
         result = train(model, train_set, val_set, settings, args.out, tokenizer=tokenizer,
-                       resume=args.resume, device=device, rank=rank, world_size=world,
-                       progress=not args.no_progress)
+                       resume=args.resume, overwrite=args.overwrite, device=device, rank=rank,
+                       world_size=world, progress=not args.no_progress, log=log)
         if rank == 0 and result["metrics"]:
             last = result["metrics"][-1]
             print(f"trained {result['steps']} steps ({result['tokens']:,} tokens); final train "
@@ -294,26 +320,49 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_arg(spec: str):
+    """``--config``: a preset name, or a JSON file (a path, or any name ending in .json)."""
+    from pathlib import Path
+
+    from gptfn.config import GPTConfig
+
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return GPTConfig.from_json(path)
+    if path.suffix == ".json" or "/" in spec or path.exists():
+        raise FileNotFoundError(f"--config {spec}: no such file (nor a preset name: {', '.join(PRESETS)})")
+    return GPTConfig.from_preset(spec)
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     import math
 
-    from gptfn.data import load_windows
+    from gptfn.data import check_vocabulary, load_windows
     from gptfn.train import evaluate, fixed_batches
     from gptfn.weights.resolve import load_model, parse_device
 
     device = parse_device(args.device)
-    model = load_model(args.model, device=device)
+    model = load_model(args.model, device=device, random_hint="")
     context = args.context_length or model.config.context_length
     if context > model.config.context_length:
         raise ValueError(f"--context-length {context} exceeds the model's context_length "
                          f"{model.config.context_length}")
+    check_vocabulary(args.data, model.config.vocab_size)
     data = load_windows(args.data, context)
     batches = -(-len(data) // args.batch_size)
     count = min(batches, args.max_batches or batches)
-    result = evaluate(model, fixed_batches(data, args.batch_size, count), device)
+    result = evaluate(model, _progress(fixed_batches(data, args.batch_size, count),
+                                       not args.no_progress), device)
     print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  "
           f"({count} batches of up to {args.batch_size} x {context} tokens)")
     return 0 if math.isfinite(result["loss"]) else 1
+
+
+def _progress(batches: list, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(batches, desc="eval", unit="batch", disable=not enabled, mininterval=0.5,
+                file=sys.stderr)
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
@@ -356,14 +405,28 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0 if all(s.same_tokens for s in gen_stages) else 1
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"gptfn: warning: {message}", file=sys.stderr)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    from gptfn.errors import TrainingDiverged, TrainingInterrupted
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        with warnings.catch_warnings():  # restores showwarning for a caller of main()
+            warnings.showwarning = _one_line_warning
+            return args.func(args)
     except (ValueError, OSError, ImportError) as e:
         print(f"gptfn: error: {e}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:
+        print(f"gptfn: error: training diverged: {e}", file=sys.stderr)
+        return 1
+    except TrainingInterrupted as e:
+        print(f"gptfn: interrupted: {e}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("gptfn: interrupted", file=sys.stderr)
         return 130

@@ -201,11 +201,14 @@ _HF_CHECKED = {
     "reorder_and_upcast_attn": _check_no_scaling_changes("reorder_and_upcast_attn", False),
     "add_cross_attention": _check_no_scaling_changes("add_cross_attention", False),
     "n_inner": _check_no_scaling_changes("n_inner", None),
+    "n_special": _check_no_scaling_changes("n_special", 0),  # the hub's gpt2-medium states 0
 }
 
 # HF keys that do not change the forward pass.
 _HF_IGNORED = frozenset(
     {
+        "gptfn_save_id",  # pairs config.json with its model.safetensors (gptfn.weights.hub)
+        "predict_special_tokens",  # the hub's gpt2-medium config.json; no effect on the math
         "architectures",
         "model_type",
         "initializer_range",

@@ -180,7 +180,7 @@ class TokenFileDataset(Dataset):
     ):
         stride = context_size if stride is None else stride
         _check_window_args(context_size, stride)
-        path = Path(path)
+        path = Path(path).expanduser()
         if path.is_dir():
             meta = read_meta(path)
             if split == "all":
@@ -233,7 +233,7 @@ class TokenFileDataset(Dataset):
 
 def read_text(path: Union[str, Path]) -> str:
     """A UTF-8 text file's contents; errors name the file (missing, not UTF-8, empty)."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"no data at {path} (a text file or a prepared directory)")
     try:
@@ -247,7 +247,7 @@ def read_text(path: Union[str, Path]) -> str:
 
 def load_windows(path: Union[str, Path], context_size: int, tokenizer=None) -> Dataset:
     """Every window (stride = context_size) of a prepared directory or a text file."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.is_dir():
         return TokenFileDataset(path, context_size, split="all")
     return TextDataset(read_text(path), tokenizer or BPETokenizer(), context_size, context_size)
@@ -258,7 +258,7 @@ def load_training_data(path: Union[str, Path], context_size: int, tokenizer=None
     """(train, validation) windows of length ``context_size`` (stride = context_size) from a
     ``gptfn prepare`` directory (its own split) or a UTF-8 text file (tokenized here; the
     first ``train_ratio`` of the tokens train)."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.is_dir():
         return (TokenFileDataset(path, context_size, split="train"),
                 TokenFileDataset(path, context_size, split="val"))
@@ -266,3 +266,22 @@ def load_training_data(path: Union[str, Path], context_size: int, tokenizer=None
     train_ids, val_ids = train_val_split(ids, train_ratio)
     return (TextDataset(train_ids, context_size=context_size, stride=context_size),
             TextDataset(val_ids, context_size=context_size, stride=context_size))
+
+
+def check_vocabulary(path: Union[str, Path], vocab_size: int) -> None:
+    """Fail, naming both, when the token ids of the data at ``path`` (a prepared directory,
+    which records its tokenizer, or a text file, which gptfn tokenizes with GPT-2's) can
+    exceed the ids of a model with ``vocab_size`` rows."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        meta = read_meta(path)
+        name, n_vocab = meta.get("tokenizer"), meta.get("n_vocab")
+        where = f"{path} was prepared with the {name} tokenizer"
+    else:
+        name, n_vocab = "gpt2", BPETokenizer().n_vocab
+        where = f"{path} is text, which gptfn tokenizes with the gpt2 tokenizer"
+    if isinstance(n_vocab, int) and n_vocab > vocab_size:
+        raise ValueError(
+            f"{where} ({n_vocab} token ids), but the model has vocab_size {vocab_size}: "
+            f"tokenize the data for this model (gptfn prepare --encoding), or use a model "
+            f"with vocab_size >= {n_vocab}")

@@ -1,18 +1,69 @@
 """Atomic file writes: write to a temporary file beside the target, then rename it over.
 
 A crash or an exception mid-write leaves the previous file (or no file) under the final
-name, never a half-written one.
+name, never a half-written one. Temporary names start with ``.NAME.`` and end in ``.tmp``, so
+a later save of the same file can recognise (and remove) what a killed one left.
+
+Files get the mode the umask gives (``0o666 & ~umask``), as ``open()`` would give them, not
+``mkstemp``'s private 0600: a saved model can be shared like any other file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Callable, Iterator, List, Sequence, Tuple, Union
 
 PathLike = Union[str, os.PathLike]
+
+
+def umask_mode(base: int = 0o666) -> int:
+    """``base`` less the process umask (read without changing it for long)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return base & ~mask
+
+
+def fsync_dir(directory: PathLike) -> None:
+    """Make the renames in ``directory`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def temp_path(path: PathLike, suffix: str = ".tmp") -> Path:
+    """A new empty file beside ``path`` with the umask's mode, named ``.NAME.XXXX<suffix>``."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"directory does not exist: {path.parent}")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    try:
+        os.fchmod(fd, umask_mode())
+    finally:
+        os.close(fd)
+    return Path(tmp_name)
+
+
+def remove_stale_temps(path: PathLike) -> None:
+    """Delete the temporary files that killed writes of ``path`` left beside it."""
+    path = Path(path)
+    for stale in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+        if stale.is_file() and not stale.is_symlink():
+            stale.unlink(missing_ok=True)
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
 @contextlib.contextmanager
@@ -20,11 +71,8 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     """Yield a temporary path in ``path``'s directory; on success fsync it and rename it to
     ``path``; on failure delete it."""
     path = Path(path)
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"directory does not exist: {path.parent}")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    remove_stale_temps(path)
+    tmp = temp_path(path)
     try:
         yield tmp
         with open(tmp, "rb+") as fh:
@@ -33,6 +81,41 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
+
+
+def write_together(files: Sequence[Tuple[PathLike, Callable[[Path], None]]]) -> List[Path]:
+    """Write several files of one directory as a unit, for a reader that can tell a torn
+    pair (see ``gptfn.weights.hub`` and ``gptfn.prepare``).
+
+    Each ``(path, write)`` gets a temporary file beside ``path`` that ``write(tmp)`` fills;
+    only when every one is written and fsynced are they renamed over their final names, in
+    the order given. So an error or a kill while writing (a full disk, a kill -9) leaves
+    every final name as it was, and only a failure between two renames leaves the first
+    files new and the rest old: then the rest stay, complete, under their temporary names,
+    which tells a reader what happened. Temporaries are removed by the next write.
+    """
+    temps: List[Tuple[Path, Path]] = []
+    renamed = 0
+    try:
+        for path, write in files:
+            path = Path(path)
+            remove_stale_temps(path)
+            tmp = temp_path(path)
+            temps.append((tmp, path))
+            write(tmp)
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+        for tmp, path in temps:
+            os.replace(tmp, path)
+            renamed += 1
+    except BaseException:
+        if renamed == 0:
+            for tmp, _ in temps:
+                tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(temps[0][1].parent)
+    return [path for _, path in temps]
 
 
 def atomic_write_text(path: PathLike, text: str) -> Path:
@@ -40,3 +123,12 @@ def atomic_write_text(path: PathLike, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def sha256_file(path: PathLike) -> str:
+    """The hex sha256 of a file, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -9,10 +9,14 @@ Output directory layout:
 
 Memory does not grow with the corpus: files are read in blocks, decoded incrementally,
 cut at places where GPT-2's pre-tokenizer always splits (so the tokens equal those of
-encoding the whole file at once) and written as they come. Both files are written under
-temporary names and renamed when complete; ``meta.json`` is renamed last and is what makes
-a directory a prepared corpus, so a killed run never leaves a file under a final name that
-a reader would take for whole. Imports no torch.
+encoding the whole file at once) and written as they come. Imports no torch.
+
+The two files are one unit. ``tokens.bin`` is written under a temporary name; when it is
+whole, the new description is written as ``.meta.json.pending``, ``tokens.bin`` is renamed
+into place, and the pending description is renamed to ``meta.json``. A run killed or failed
+at any point leaves the old pair, or the new pair, or tokens.bin between two descriptions
+that both name the token count and sha256 of the data they describe: ``read_meta`` takes the
+one that matches ``tokens.bin`` (and the next ``prepare`` settles it).
 """
 
 from __future__ import annotations
@@ -30,12 +34,13 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Un
 
 import numpy as np
 
-from gptfn.fileio import atomic_path, atomic_write_text
+from gptfn.fileio import atomic_write_text, fsync_dir, remove_stale_temps, sha256_file, temp_path
 from gptfn.progress import byte_bar
 from gptfn.tokenizer import BPETokenizer
 
 TOKENS_NAME = "tokens.bin"
 META_NAME = "meta.json"
+PENDING_NAME = ".meta.json.pending"
 FORMAT = "gptfn-tokens"
 TOKEN_DTYPE = np.dtype("<u2")
 BLOCK_BYTES = 1 << 18
@@ -142,8 +147,10 @@ def prepare(
     if tok.n_vocab > 2**16:
         raise ValueError(f"tokenizer {tok.name} has {tok.n_vocab} ids: too many for uint16")
     files = find_inputs(inputs, glob)
-    out = Path(out_dir)
+    out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
+    _settle(out)
+    remove_stale_temps(out / TOKENS_NAME)
     total_bytes = sum(f.stat().st_size for f in files)
     started = time.perf_counter()
     sha = hashlib.sha256()
@@ -157,8 +164,9 @@ def prepare(
         return tok.encoding.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
 
     pool = ThreadPoolExecutor(max_workers=ENCODE_THREADS)
+    tmp_tokens = temp_path(out / TOKENS_NAME)
     try:
-        with atomic_path(out / TOKENS_NAME) as tmp_tokens, open(tmp_tokens, "wb") as fh:
+        with open(tmp_tokens, "wb") as fh:
 
             def write(ids: Union[Sequence[int], np.ndarray]) -> None:
                 nonlocal count
@@ -179,11 +187,14 @@ def prepare(
                 records.append({"path": str(path), "bytes": path.stat().st_size,
                                 "tokens": count - first})
             fh.flush()
-            meta = _meta(tok, count, sha.hexdigest(), val_fraction, records)
-            # meta.json marks a whole corpus: take the old one away before tokens.bin changes
-            (out / META_NAME).unlink(missing_ok=True)
-        atomic_write_text(out / META_NAME, json.dumps(meta, indent=2) + "\n")
+            os.fsync(fh.fileno())
+        meta = _meta(tok, count, sha.hexdigest(), val_fraction, records)
+        atomic_write_text(out / PENDING_NAME, json.dumps(meta, indent=2) + "\n")
+        os.replace(tmp_tokens, out / TOKENS_NAME)
+        os.replace(out / PENDING_NAME, out / META_NAME)
+        fsync_dir(out)
     finally:
+        tmp_tokens.unlink(missing_ok=True)
         pool.shutdown()
         bar.close()
     return PrepareResult(out, count, time.perf_counter() - started, meta)
@@ -223,20 +234,18 @@ def _meta(tok: BPETokenizer, count: int, digest: str, val_fraction: float,
 
 
 def read_meta(out_dir: Union[str, Path]) -> dict:
-    """``meta.json`` of a prepared directory, checked against its token file's size."""
-    out = Path(out_dir)
+    """``meta.json`` of a prepared directory, checked against its token file's size (or the
+    pending description, where a cut-off ``prepare`` left ``tokens.bin`` already new)."""
+    out = Path(out_dir).expanduser()
     meta_path = out / META_NAME
+    if (out / PENDING_NAME).is_file():
+        return _load_meta(_matching_description(out), out)
     if not meta_path.is_file():
         raise FileNotFoundError(
             f"{out} is not a prepared corpus (no {META_NAME}); run: gptfn prepare INPUT --out {out}"
         )
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{meta_path} is not valid JSON: {e}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{meta_path} is not a gptfn token-file description")
-    size = (out / TOKENS_NAME).stat().st_size if (out / TOKENS_NAME).is_file() else None
+    meta = _load_meta(meta_path, out)
+    size = _tokens_size(out)
     if size != meta["token_count"] * TOKEN_DTYPE.itemsize:
         raise ValueError(
             f"{out / TOKENS_NAME} holds {size} bytes but {META_NAME} says "
@@ -245,14 +254,68 @@ def read_meta(out_dir: Union[str, Path]) -> dict:
     return meta
 
 
+def _tokens_size(out: Path) -> Optional[int]:
+    return (out / TOKENS_NAME).stat().st_size if (out / TOKENS_NAME).is_file() else None
+
+
+def _load_meta(meta_path: Path, out: Path) -> dict:
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{meta_path} is not valid JSON: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{meta_path} is not a gptfn token-file description")
+    count = meta.get("token_count")
+    splits = meta.get("splits")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"{meta_path}: token_count is {count!r}, not a count")
+    if not isinstance(splits, dict) or not all(
+        isinstance(v, list) and len(v) == 2 and all(isinstance(i, int) and not isinstance(i, bool)
+                                                    for i in v) and 0 <= v[0] <= v[1] <= count
+        for v in splits.values()
+    ):
+        raise ValueError(f"{meta_path}: splits {splits!r} are not token ranges within {count} tokens")
+    return meta
+
+
+def _matching_description(out: Path) -> Path:
+    """Of meta.json and the pending description, the one that describes tokens.bin."""
+    size = _tokens_size(out)
+    fits = []
+    for path in (out / PENDING_NAME, out / META_NAME):
+        if path.is_file():
+            count = _load_meta(path, out)["token_count"]
+            if size == count * TOKEN_DTYPE.itemsize:
+                fits.append(path)
+    if len(fits) == 2:  # both have its length: only the digest can tell
+        digest = sha256_file(out / TOKENS_NAME)
+        fits = [p for p in fits if _load_meta(p, out).get("sha256") == digest] or fits[:1]
+    if not fits:
+        raise ValueError(f"{out / TOKENS_NAME} ({size} bytes) matches neither {META_NAME} nor "
+                         f"{PENDING_NAME}: prepare the corpus again")
+    return fits[0]
+
+
+def _settle(out: Path) -> None:
+    """Finish (or drop) what a cut-off prepare left: meta.json becomes the description that
+    matches tokens.bin."""
+    pending = out / PENDING_NAME
+    if not pending.is_file():
+        return
+    try:
+        keep = _matching_description(out)
+    except ValueError:
+        keep = None
+    if keep == pending:
+        os.replace(pending, out / META_NAME)
+    else:
+        pending.unlink()
+
+
 def verify(out_dir: Union[str, Path]) -> None:
     """Recompute the sha256 of ``tokens.bin`` and compare it with ``meta.json``."""
     meta = read_meta(out_dir)
-    sha = hashlib.sha256()
-    with open(Path(out_dir) / TOKENS_NAME, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            sha.update(block)
-    if sha.hexdigest() != meta["sha256"]:
+    if sha256_file(Path(out_dir).expanduser() / TOKENS_NAME) != meta["sha256"]:
         raise ValueError(f"{Path(out_dir) / TOKENS_NAME}: sha256 does not match {META_NAME}")
 
 

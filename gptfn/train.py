@@ -8,17 +8,29 @@ each process takes its own disjoint slice. So a run resumed from a checkpoint se
 the windows it would have seen, and N processes see exactly what one process with the same
 global batch sees.
 
-Every ``eval_interval`` steps (and at the end): train and validation loss over
-``eval_batches`` fixed batches, a line in ``metrics.jsonl``, ``losses.png``, a checkpoint,
-and a short greedy sample. Only rank 0 writes. A non-finite loss stops the run with an error
-before the optimizer touches the weights; the last checkpoint stays as it was.
+At step 0 and every ``eval_interval`` steps (and at the end): train and validation loss
+over ``eval_batches`` fixed batches, a line in ``metrics.jsonl``, ``losses.png`` and a short
+greedy sample. Every ``checkpoint_interval`` steps (default: the eval interval), at the end,
+and when the run is stopped by Ctrl-C or SIGTERM: a checkpoint. Only rank 0 writes. A
+non-finite loss stops the run with an error before the optimizer touches the weights; the
+last checkpoint stays as it was.
+
+A run directory belongs to one run. Starting a run where another one's files are refuses
+unless asked to ``resume`` it or to ``overwrite`` it (which deletes that run's files, and
+only those); resuming where there is no checkpoint, or with nothing left to train, is an
+error; resuming with settings that change the run's course says which changed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import re
+import signal
+import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -28,14 +40,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gptfn.checkpoint import has_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from gptfn.checkpoint import (POINTER, has_checkpoint, load_checkpoint, remove_entry,
+                              restore_rng, run_dir_entries, save_checkpoint)
 from gptfn.config import GPTConfig
+from gptfn.errors import TrainingDiverged, TrainingInterrupted
 from gptfn.fileio import atomic_write_text
 from gptfn.modules import GPTModel
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
+# What a run writes into its directory (and so what ``overwrite`` deletes), besides the
+# ckpt-NNNNNNNN checkpoints and their temporaries.
+RUN_FILES = (POINTER, "metrics.jsonl", "losses.png", "model.safetensors", "config.json")
+# Settings that change which weights a run ends with; the others only change what it reports.
+COURSE_SETTINGS = ("max_steps", "batch_size", "grad_accum", "lr", "min_lr", "warmup_steps",
+                   "weight_decay", "beta1", "beta2", "grad_clip", "seed")
 
 
 @dataclass
@@ -52,12 +70,16 @@ class TrainSettings:
     grad_clip: float = 1.0
     eval_interval: int = 100
     eval_batches: int = 10
+    checkpoint_interval: Optional[int] = None  # default: eval_interval
     seed: int = 0
     sample_prompt: str = "Every effort moves you"
     sample_tokens: int = 20
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_batches"):
+        if self.checkpoint_interval is None:
+            self.checkpoint_interval = self.eval_interval
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_batches",
+                     "checkpoint_interval"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -198,96 +220,201 @@ def train(
     world_size: int = 1,
     log=print,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Dict[str, object]:
-    """Train ``model`` (a GPTModel) in place; see the module docstring. Returns a summary."""
-    from gptfn.plot import plot_losses
+    """Train ``model`` (a GPTModel) in place; see the module docstring. Returns a summary.
 
-    out = Path(out_dir)
+    Raises TrainingDiverged on a non-finite loss, and TrainingInterrupted (a
+    KeyboardInterrupt) after saving a checkpoint when SIGINT or SIGTERM arrives."""
+    out = Path(out_dir).expanduser()
     config: GPTConfig = model.config
     device = torch.device(device or "cpu")
     if len(train_set) == 0 or len(val_set) == 0:
         raise ValueError("the training and validation data must each hold at least one window")
+    if resume and overwrite:
+        raise ValueError("resume and overwrite contradict each other: pick one")
     schedule = BatchSchedule(len(train_set), settings.batch_size, settings.grad_accum,
                              world_size, settings.seed)
+    course = {"settings": asdict(settings), "data": {
+        "seed": settings.seed, "context_length": train_set.context_size, "world_size": world_size}}
     model.to(device)
     optimizer = make_optimizer(model, settings)
     start, tokens = 0, 0
-    if resume and has_checkpoint(out):
+    if resume:
+        if not has_checkpoint(out):
+            raise FileNotFoundError(
+                f"cannot resume: {out} holds no checkpoint (no {POINTER}); check the run "
+                "directory, or leave out --resume to start a new run")
         ck = load_checkpoint(out)
+        start, tokens = int(ck.state["step"]), int(ck.state["tokens"])
         if ck.config != config:
             raise ValueError(
                 f"the checkpoint in {out} is for another model config ({ck.config}); this "
                 f"run's is {config}"
             )
+        if start > settings.max_steps:
+            raise ValueError(
+                f"nothing to train: the checkpoint in {out} is at step {start}, past max_steps "
+                f"{settings.max_steps}; give a larger --max-steps to train further")
+        changed = _changed_course(ck.state, course)
         model.load_state_dict(ck.params)
         optimizer.load_state_dict(ck.optimizer_state)
         restore_rng(ck.rng)
-        start, tokens = int(ck.state["step"]), int(ck.state["tokens"])
         if rank == 0:
-            _truncate_metrics(out / "metrics.jsonl", start)
+            _truncate_metrics(out / "metrics.jsonl", start, log)
             log(f"resumed from {ck.path} at step {start}")
+            if changed:
+                log("warning: resuming with settings that change the run: " + "; ".join(changed)
+                    + ". The result will differ from the uninterrupted run's.")
     else:
+        previous = _previous_run(out)
+        if previous and not overwrite:
+            raise FileExistsError(
+                f"{out} holds another run ({', '.join(p.name for p in previous[:4])}"
+                f"{', ...' if len(previous) > 4 else ''}): pass --resume to continue it, or "
+                "--overwrite to delete its files and start again")
         torch.manual_seed(settings.seed + rank)  # dropout: a function of the seed (and rank)
         if rank == 0:
+            for entry in previous:
+                remove_entry(entry, out)
             out.mkdir(parents=True, exist_ok=True)
-            (out / "metrics.jsonl").unlink(missing_ok=True)
     net = model
     if world_size > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     eval_train = fixed_batches(train_set, settings.batch_size, settings.eval_batches)
     eval_val = fixed_batches(val_set, settings.batch_size, settings.eval_batches)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _Null()
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else contextlib.nullcontext())
     step_tokens = schedule.per_step * train_set.context_size
     metrics: List[dict] = []
-    model.train()
+
+    def report(done: int, lr: float) -> None:
+        with autocast:
+            tr = evaluate(model, eval_train, device)["loss"]
+            va = evaluate(model, eval_val, device)["loss"]
+        row = {"step": done, "train_loss": tr, "val_loss": va, "tokens": tokens, "lr": lr}
+        metrics.append(row)
+        if rank == 0:
+            _append_metrics(out / "metrics.jsonl", row)
+            _plot(out)
+            sample = _sample(model, tokenizer, settings, device) if done else None
+            bar.write(f"step {done}: train {tr:.3f}, val {va:.3f}" + (f" | {sample!r}" if sample else ""))
+
+    def checkpoint(done: int) -> Path:
+        return save_checkpoint(out, model, optimizer, config, course | {
+            "step": done, "tokens": tokens,
+            "data": course["data"] | {"windows_consumed": done * schedule.per_step}})
+
+    if start == settings.max_steps:  # finished: only the final model may be missing
+        if rank == 0:
+            log(f"nothing to train: the run in {out} is complete at step {start} (give a larger "
+                "--max-steps to train further); its final model is written")
+            model.save_pretrained(out)
+        return {"steps": start, "tokens": tokens, "metrics": []}
     bar = _bar(start, settings.max_steps, progress and rank == 0)
-    t_last = time.perf_counter()
-    for step in range(start, settings.max_steps):
-        lr = lr_at(step, settings)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        step_loss = 0.0
-        for micro in range(settings.grad_accum):
-            x, y = collate(train_set, schedule.indices(step, micro, rank))
-            sync = micro == settings.grad_accum - 1 or world_size == 1
-            with (_Null() if sync else net.no_sync()), autocast:
-                loss = calc_loss_batch(x, y, net, device) / settings.grad_accum
-            loss.backward()
-            step_loss += loss.item()
-        if not math.isfinite(step_loss):
+    with _StopSignals() as stop:
+        if start == 0:
+            report(0, lr_at(0, settings))  # the random model's loss: the curve starts at step 0
+        model.train()
+        t_last = time.perf_counter()
+        for step in range(start, settings.max_steps):
+            lr = lr_at(step, settings)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            step_loss = 0.0
+            for micro in range(settings.grad_accum):
+                x, y = collate(train_set, schedule.indices(step, micro, rank))
+                sync = micro == settings.grad_accum - 1 or world_size == 1
+                with (contextlib.nullcontext() if sync else net.no_sync()), autocast:
+                    loss = calc_loss_batch(x, y, net, device) / settings.grad_accum
+                loss.backward()
+                step_loss += loss.item()
+            if not math.isfinite(step_loss):
+                optimizer.zero_grad(set_to_none=True)
+                bar.close()
+                kept = (f"; the last good checkpoint is {load_checkpoint(out).path} (resume from "
+                        "it with --resume, perhaps with a lower --lr)") if has_checkpoint(out) else (
+                        "; no checkpoint was saved yet")
+                raise TrainingDiverged(f"the loss is {step_loss} at step {step}: stopping{kept}")
+            if settings.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+            optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            kept = f"; the last good checkpoint is {load_checkpoint(out).path}" if has_checkpoint(out) else ""
-            raise TrainingDiverged(f"the loss is {step_loss} at step {step}: stopping{kept}")
-        if settings.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens += step_tokens
-        now = time.perf_counter()
-        bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{step_tokens / (now - t_last):,.0f}")
-        bar.update(1)
-        t_last = now
-        done = step + 1
-        if done % settings.eval_interval == 0 or done == settings.max_steps:
-            with autocast:
-                tr = evaluate(model, eval_train, device)["loss"]
-                va = evaluate(model, eval_val, device)["loss"]
-            row = {"step": done, "train_loss": tr, "val_loss": va, "tokens": tokens, "lr": lr}
-            metrics.append(row)
-            if rank == 0:
-                with open(out / "metrics.jsonl", "a") as fh:
-                    fh.write(json.dumps(row) + "\n")
-                plot_losses(_read_metrics(out / "metrics.jsonl"), out / "losses.png")
-                save_checkpoint(out, model, optimizer, config, {
-                    "step": done, "tokens": tokens, "settings": asdict(settings),
-                    "data": {"seed": settings.seed, "windows_consumed": done * schedule.per_step},
-                })
-                sample = _sample(model, tokenizer, settings, device)
-                bar.write(f"step {done}: train {tr:.3f}, val {va:.3f}" + (f" | {sample!r}" if sample else ""))
+            tokens += step_tokens
+            now = time.perf_counter()
+            bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{step_tokens / (now - t_last):,.0f}")
+            bar.update(1)
+            t_last = now
+            done = step + 1
+            if done % settings.eval_interval == 0 or done == settings.max_steps:
+                report(done, lr)
+                model.train()
+            if stop.signal is not None or done % settings.checkpoint_interval == 0 or done == settings.max_steps:
+                path = checkpoint(done) if rank == 0 else None
+            if stop.signal is not None and done < settings.max_steps:
+                bar.close()
+                raise TrainingInterrupted(
+                    f"{stop.signal} at step {done}: saved checkpoint {path}; continue with the "
+                    "same command and --resume")
     bar.close()
     if rank == 0:
         model.save_pretrained(out)
     return {"steps": settings.max_steps, "tokens": tokens, "metrics": metrics}
+
+
+def _previous_run(out: Path) -> List[Path]:
+    """The entries of ``out`` that a gptfn run wrote (none if ``out`` does not exist)."""
+    return [e for e in run_dir_entries(out)
+            if e.name in RUN_FILES or _is_checkpoint_entry(e.name)]
+
+
+def _is_checkpoint_entry(name: str) -> bool:
+    return re.fullmatch(r"\.?ckpt-\d{8}(\.tmp)?", name) is not None
+
+
+def _changed_course(saved: dict, now: dict) -> List[str]:
+    """The settings in which ``now`` differs from the checkpoint's, as 'name old -> new'."""
+    old_settings, old_data = saved.get("settings", {}), saved.get("data", {})
+    changed = []
+    for key in COURSE_SETTINGS:
+        if key in old_settings and old_settings[key] != now["settings"][key]:
+            why = " (the learning-rate schedule changes)" if key in ("max_steps", "warmup_steps") else ""
+            changed.append(f"{key} {old_settings[key]} -> {now['settings'][key]}{why}")
+    for key in ("context_length", "world_size"):
+        if key in old_data and old_data[key] != now["data"][key]:
+            changed.append(f"{key} {old_data[key]} -> {now['data'][key]}")
+    return changed
+
+
+class _StopSignals:
+    """Within the block, the first SIGINT / SIGTERM is noted (``.signal``) instead of killing
+    the process, so the loop can save a checkpoint and stop; the handlers before it come back
+    at once, so a second signal acts as it would have. Only in the main thread (where Python
+    delivers signals)."""
+
+    def __init__(self) -> None:
+        self.signal: Optional[str] = None
+        self._old: Dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signal.Signals(signum).name
+        self._restore()
+
+    def _restore(self) -> None:
+        for signum, handler in self._old.items():
+            signal.signal(signum, handler)
+        self._old = {}
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._old[signum] = signal.getsignal(signum)
+                signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self._restore()
+        return False
 
 
 def _sample(model, tokenizer, s: TrainSettings, device) -> Optional[str]:
@@ -306,24 +433,64 @@ def _sample(model, tokenizer, s: TrainSettings, device) -> Optional[str]:
     return tokenizer.decode(out[0, len(ids):].tolist())
 
 
-def _read_metrics(path: Path) -> List[dict]:
+def _read_metrics(path: Path, log=None) -> List[dict]:
+    """The rows of ``metrics.jsonl``. A last line cut short (an append that was interrupted)
+    is dropped, with a warning through ``log``; a bad line before the last is an error."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("not a metrics row")
+        except ValueError as e:
+            if number == len(lines):
+                if log is not None:
+                    log(f"warning: {path}: dropping its last line, cut short ({line[:40]!r})")
+                break
+            raise ValueError(f"{path}, line {number}: not a metrics row ({e})") from None
+        rows.append(row)
+    return rows
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metrics past the checkpoint's step (a crash after writing them), atomically."""
-    rows = [r for r in _read_metrics(path) if r["step"] <= step]
+def _append_metrics(path: Path, row: dict) -> None:
+    rows = _read_metrics(path) if path.is_file() and not _ends_cleanly(path) else None
+    if rows is not None:  # a cut-short last line: rewrite without it before appending
+        _write_metrics(path, rows)
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(row) + "\n")
+
+
+def _ends_cleanly(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        fh.seek(0, 2)
+        if fh.tell() == 0:
+            return True
+        fh.seek(-1, 2)
+        return fh.read(1) == b"\n"
+
+
+def _write_metrics(path: Path, rows: List[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
-class _Null:
-    def __enter__(self):
-        return self
+def _truncate_metrics(path: Path, step: int, log=None) -> None:
+    """Drop metrics past the checkpoint's step (a crash after writing them), atomically."""
+    if path.is_file():
+        _write_metrics(path, [r for r in _read_metrics(path, log) if r["step"] <= step])
 
-    def __exit__(self, *exc):
-        return False
+
+def _plot(out: Path) -> None:
+    from gptfn.plot import plot_losses
+
+    try:
+        plot_losses(_read_metrics(out / "metrics.jsonl"), out / "losses.png")
+    except ImportError as e:  # matplotlib is an extra: training goes on without the plot
+        warnings.warn(str(e), stacklevel=2)
 
 
 def _bar(start: int, total: int, enabled: bool):

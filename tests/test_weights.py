@@ -264,7 +264,7 @@ def test_missing_config_json(saved):
 
 
 def test_crash_mid_save_keeps_previous_file(saved, monkeypatch):
-    import safetensors.torch
+    import gptfn.weights.hub as hub
 
     cfg, d, f = saved
     before = f.read_bytes()
@@ -274,7 +274,7 @@ def test_crash_mid_save_keeps_previous_file(saved, monkeypatch):
             fh.write(b"half a file")
         raise KeyboardInterrupt("simulated crash")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    monkeypatch.setattr(hub, "write_safetensors", crash)
     with pytest.raises(KeyboardInterrupt):
         save_params(init_params(cfg, seed=9), d, cfg)
     assert f.read_bytes() == before

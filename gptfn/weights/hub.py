@@ -8,6 +8,14 @@ This is the loading boundary. What comes in is turned into the one canonical lay
   are dropped (they are constants, not parameters);
 - an ``lm_head.weight`` equal to ``wte.weight`` is dropped (the head is tied); an untied
   one is an error.
+
+A saved model is one unit. ``save_params`` writes both files to temporary names first and
+renames ``model.safetensors`` before ``config.json``; the weights carry their own config and a
+save id in their metadata, and ``config.json`` carries the same id. A save cut between the
+two renames (a full disk, a kill -9) leaves new weights beside the old config.json, and the
+new config.json whole under its temporary name: ``load_params`` sees the ids differ and the
+temporary file with the weights' id, and takes the config saved with the weights, with a
+warning. Every other failure leaves the old pair untouched.
 """
 
 from __future__ import annotations
@@ -15,6 +23,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import uuid
+import warnings
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Tuple, Union
 
@@ -22,15 +32,17 @@ import torch
 from torch import Tensor
 
 from gptfn.config import GPTConfig
-from gptfn.fileio import atomic_write_text
+from gptfn.fileio import write_together
 from gptfn.params import validate_params
-from gptfn.weights.safetensors_io import load_safetensors, save_safetensors
+from gptfn.weights.safetensors_io import load_safetensors, read_header, write_safetensors
 
 PathLike = Union[str, os.PathLike]
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
+SAVE_ID = "gptfn_save_id"  # in config.json and in the weights' metadata: one save
+SAVED_CONFIG = "gptfn_config"  # the weights' metadata: the config.json they were saved with
 
 _MASK_BUFFER = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
 
@@ -58,7 +70,7 @@ def canonicalize(tensors: Mapping[str, Tensor]) -> Dict[str, Tensor]:
 
 def resolve_files(path: PathLike) -> Tuple[list, Path]:
     """The safetensors file(s) and the config.json for a file or directory path."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.is_dir():
         config = path / CONFIG_NAME
         if (path / WEIGHTS_NAME).is_file():
@@ -83,9 +95,46 @@ def resolve_files(path: PathLike) -> Tuple[list, Path]:
 def _shards(index_path: Path) -> list:
     try:
         weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        names = sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{index_path}: not a valid safetensors index ({e})") from None
-    return [index_path.parent / name for name in sorted(set(weight_map.values()))]
+    for name in names:
+        # a name read from a file may only point at a file beside it
+        if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
+            raise ValueError(f"{index_path}: shard {name!r} is not a file name in its directory")
+    return [index_path.parent / name for name in names]
+
+
+def _config_of(config_path: Path, weights: list) -> GPTConfig:
+    """config.json's config, unless a save was cut between its two renames: then the config
+    saved with the weights, with a warning (see the module docstring)."""
+    config = GPTConfig.from_json(config_path)
+    if len(weights) != 1:
+        return config
+    _, _, metadata = read_header(weights[0])
+    saved, save_id = metadata.get(SAVED_CONFIG), metadata.get(SAVE_ID)
+    if saved is None or save_id is None or _save_id(config_path) == save_id:
+        return config
+    # config.json is from another save. Only a cut save leaves the weights' own config.json
+    # beside it, whole, under its temporary name; without one, config.json was replaced
+    # on purpose and stays in charge.
+    if not any(_save_id(t) == save_id for t in config_path.parent.glob(f".{CONFIG_NAME}.*.tmp")):
+        return config
+    try:
+        own = GPTConfig.from_dict(json.loads(saved))
+    except (json.JSONDecodeError, ValueError) as e:
+        raise ValueError(f"{weights[0]}: the config saved in its metadata is invalid ({e})") from None
+    warnings.warn(f"{config_path} is older than {weights[0].name} (a save was cut off before "
+                  "it wrote config.json): using the config saved with the weights", stacklevel=3)
+    return own
+
+
+def _save_id(config_path: Path) -> Optional[str]:
+    try:
+        doc = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return doc.get(SAVE_ID) if isinstance(doc, dict) else None
 
 
 def load_params(
@@ -103,11 +152,12 @@ def load_params(
     """
     from gptfn.weights.openai_tf import is_tf_checkpoint_dir, load_tf_checkpoint
 
+    path = Path(path).expanduser()
     if is_tf_checkpoint_dir(path):
         config, params = load_tf_checkpoint(path)
     else:
         files, config_path = resolve_files(path)
-        config = GPTConfig.from_json(config_path)
+        config = _config_of(config_path, files)
         tensors: Dict[str, Tensor] = {}
         for f in files:
             tensors.update(load_safetensors(f))
@@ -128,10 +178,10 @@ def save_params(params: Mapping[str, Tensor], path: PathLike, config: GPTConfig)
 
     ``path`` is a directory (created if missing) or a ``.safetensors`` file name (config.json
     goes beside it). HF transformers' ``GPT2LMHeadModel.from_pretrained`` reads the result.
-    Each file is written atomically. Returns the directory.
+    The two files are one unit (see the module docstring). Returns the directory.
     """
     validate_params(params, config)
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.suffix == ".safetensors":
         weights, directory = path, path.parent
         if not directory.is_dir():
@@ -140,6 +190,11 @@ def save_params(params: Mapping[str, Tensor], path: PathLike, config: GPTConfig)
         directory = path
         directory.mkdir(parents=True, exist_ok=True)
         weights = directory / WEIGHTS_NAME
-    save_safetensors(params, weights, metadata={"format": "pt"})
-    atomic_write_text(directory / CONFIG_NAME, json.dumps(config.to_hf_dict(), indent=2) + "\n")
+    save_id = uuid.uuid4().hex
+    config_text = json.dumps(config.to_hf_dict() | {SAVE_ID: save_id}, indent=2) + "\n"
+    metadata = {"format": "pt", SAVE_ID: save_id, SAVED_CONFIG: config_text}
+    write_together([
+        (weights, lambda tmp: write_safetensors(params, tmp, metadata)),
+        (directory / CONFIG_NAME, lambda tmp: tmp.write_text(config_text, encoding="utf-8")),
+    ])
     return directory

@@ -68,11 +68,18 @@ def load_model(
     seed: int = 0,
     dtype: Optional[torch.dtype] = None,
     device: Optional[Union[str, torch.device]] = None,
+    random_hint: str = ", or pass --random-init to use random weights",
 ):
-    """A GPTModel in eval mode from a path or a preset name (see the module docstring)."""
+    """A GPTModel in eval mode from a path or a preset name (see the module docstring).
+    ``random_hint`` is how the error for a name with no cached weights says to use random
+    weights instead (commands spell it differently)."""
     from gptfn.modules import GPTModel
 
     path = Path(model).expanduser()
+    if not path.exists() and _looks_like_path(model):
+        known = ", ".join(list(PRESETS) + list(PRESET_ALIASES))
+        raise FileNotFoundError(f"no such checkpoint file or directory: {path} (and {model!r} "
+                                f"is not a model name: {known})")
     if path.exists():
         if random_init:
             raise ValueError("--random-init takes a preset name, not a checkpoint path")
@@ -86,7 +93,14 @@ def load_model(
             raise FileNotFoundError(
                 f"no pretrained weights for {model!r} in {where}: download them with "
                 f"`gptfn download {model}` (or set GPTFN_CACHE_DIR to a cache that has them), "
-                "give --model PATH to a checkpoint, or pass --random-init to use random weights"
+                f"or give a checkpoint path instead{random_hint}"
             )
         net = GPTModel.from_pretrained(where, dtype=dtype, device=device)
     return net
+
+
+def _looks_like_path(text: str) -> bool:
+    """A --model value that can only mean a file: it has a directory part, starts with ``.``
+    or ``~``, or ends like a weights or config file."""
+    return ("/" in text or os.sep in text or text.startswith((".", "~"))
+            or text.endswith((".safetensors", ".json", ".bin", ".pt")))

@@ -5,8 +5,9 @@ that lies about sizes gets an error that says which tensor and which bytes), and
 is memory-mapped, not read: ``torch.UntypedStorage.from_file(shared=False)`` maps the file
 copy-on-write and every tensor is a view into that mapping.
 
-Writing uses the ``safetensors`` library (the reference writer) to a temporary file in
-the target directory, renamed over the final name only when complete.
+Writing is ours too (the format is a header and the bytes): tensors stream to a temporary
+file in the target directory, which is renamed over the final name only when complete.
+The reference library is used by the tests, as an independent reader.
 
 Format: 8-byte little-endian header length N, N bytes of JSON
 ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}``,
@@ -147,13 +148,43 @@ def load_safetensors(path: PathLike) -> Dict[str, Tensor]:
     return tensors
 
 
+def write_safetensors(
+    tensors: Mapping[str, Tensor], path: PathLike, metadata: Optional[Dict[str, str]] = None
+) -> None:
+    """Write ``tensors`` to ``path`` in place (callers make it atomic), streaming one tensor
+    at a time. Tensors are laid out by decreasing item size, then name, as the reference
+    writer does, so every tensor's data is aligned to its item size; the header is padded
+    with spaces to a multiple of 8 bytes."""
+    names = {dtype: name for name, dtype in DTYPES.items()}
+    items = []
+    for key, t in tensors.items():
+        if t.dtype not in names:
+            raise ValueError(f"tensor {key!r}: dtype {t.dtype} cannot be stored in safetensors")
+        items.append((key, t.detach()))
+    items.sort(key=lambda kv: (-kv[1].element_size(), kv[0]))
+    header: Dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for key, t in items:
+        nbytes = t.numel() * t.element_size()
+        header[key] = {"dtype": names[t.dtype], "shape": list(t.shape),
+                       "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as fh:
+        fh.write(len(raw).to_bytes(8, "little"))
+        fh.write(raw)
+        for _, t in items:
+            data = t.contiguous().cpu().reshape(-1).view(torch.uint8)  # (nbytes,)
+            fh.write(memoryview(data.numpy()))
+
+
 def save_safetensors(
     tensors: Mapping[str, Tensor], path: PathLike, metadata: Optional[Dict[str, str]] = None
 ) -> Path:
     """Write ``tensors`` to ``path`` atomically (temporary file in the same directory, renamed)."""
-    from safetensors.torch import save_file
-
-    contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(contiguous, str(tmp), metadata=metadata)
+        write_safetensors(tensors, tmp, metadata)
     return Path(path)
