@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from gptfn.config import GPTConfig
 from gptfn.functional.model import check_idx
 from gptfn.functional.sampling import sample_next
+from gptfn.inputs import as_token_rows
 from gptfn.kv_cache import KVCache, decode_logits, prefill
 from gptfn.modules import params_of
 
@@ -84,9 +85,13 @@ def _pad_starts(attention_mask: Optional[Tensor], idx: Tensor) -> Optional[Tenso
             f"attention_mask must have the shape of idx {list(idx.shape)}, "
             f"got {list(attention_mask.shape)}"
         )
-    m = attention_mask.to(device=idx.device, dtype=torch.long)
-    if bool(((m != 0) & (m != 1)).any()):
-        raise ValueError("attention_mask must hold only 0 (padding) and 1 (tokens)")
+    m = attention_mask.to(idx.device)
+    bad = (m != 0) & (m != 1)  # before any cast: a float 0.5 must not become 0
+    if bool(bad.any()):
+        raise ValueError(
+            f"attention_mask must hold only 0 (padding) and 1 (tokens), got {m[bad][0].item()}"
+        )
+    m = m.long()
     start = t - m.sum(dim=1)  # (B,)
     expected = (torch.arange(t, device=idx.device).view(1, -1) >= start.view(-1, 1)).long()
     if not torch.equal(m, expected):
@@ -120,6 +125,9 @@ def generate_tokens(
     """
     config, params = model_parts(model)
     check_sampling(temperature, top_k, top_p)
+    idx = as_token_rows(idx, "idx")
+    if attention_mask is not None:
+        attention_mask = as_token_rows(attention_mask, "attention_mask")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if idx.dim() == 2 and idx.size(1) == 0:
@@ -185,8 +193,12 @@ def generate(
     different lengths, left-pad them (``left_pad``) and pass ``attention_mask``; each row
     then gets the tokens it would get alone.
 
+    ``idx`` (and ``attention_mask``) may be a tensor, a list of ids (one row), a list of
+    equal-length lists or a numpy array.
+
     Shapes: idx (B, T) -> (B, T + max_new_tokens).
     """
+    idx = as_token_rows(idx, "idx")
     new = list(generate_tokens(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id,
                                generator, compile, attention_mask))
     device = new[0].device if new else idx.device
@@ -222,6 +234,7 @@ def stream(
         from gptfn.tokenizer import BPETokenizer
 
         tokenizer = BPETokenizer()
+    idx = as_token_rows(idx, "idx")
     decoders = [tokenizer.decoder() for _ in range(idx.size(0))]
     for token in generate_tokens(model, idx, max_new_tokens, **kwargs):
         ids = token.tolist()

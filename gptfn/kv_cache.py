@@ -21,6 +21,7 @@ from torch import Tensor
 import gptfn.cpu_gemv  # noqa: F401  (registers gptfn::gemv for one-row products)
 from gptfn.config import GPTConfig
 from gptfn.functional.model import check_idx, gpt_cached_logits
+from gptfn.inputs import require_tensor
 
 
 @dataclass
@@ -95,7 +96,7 @@ def prefill(
 
     Shapes: idx (B, T), start (B,) -> logits (B, V).
     """
-    check_idx(idx, config.vocab_size, config.context_length)
+    check_idx(require_tensor(idx, "idx"), config.vocab_size, config.context_length)
     b, t = idx.shape
     cache.check(config, b, t)
     unpadded = start is None
@@ -124,7 +125,7 @@ def decode_step(
 
     Shapes: token (B,) or (B, 1), input_pos (1,) -> logits (B, V).
     """
-    token = token.view(-1, 1)  # (B,) -> (B, 1)
+    token = require_tensor(token, "token").view(-1, 1)  # (B,) -> (B, 1)
     check_idx(token, config.vocab_size, config.context_length)
     logits = decode_logits(params, token, cache.keys, cache.values, input_pos, cache.start, config)
     return logits, cache

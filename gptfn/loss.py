@@ -10,6 +10,11 @@ their gradients) and zero-filling them, which on GPT-2's 50257-word vocabulary i
 largest memory traffic of a training step. ``benchmarks/training.py`` measures it against
 HF transformers.
 
+Targets equal to ``ignore_index`` (default -100, ``F.cross_entropy``'s and HF's
+convention for padding) are left out: the mean is over the other positions, and the ignored
+ones get no gradient. If every target is ignored the loss is NaN (0 / 0), with zero
+gradients, exactly as ``F.cross_entropy`` gives.
+
 Not TorchScript (an autograd.Function): scripted modules use ``F.cross_entropy``.
 """
 
@@ -19,48 +24,68 @@ import torch
 from torch import Tensor
 
 CHUNK_ELEMENTS = 1 << 23  # logits per chunk (32 MiB of fp32)
+IGNORE_INDEX = -100  # targets left out of the loss (padding), as in F.cross_entropy
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, targets: Tensor, ignore_index: int) -> Tensor:
         n, v = x.size(0), weight.size(0)
         rows = max(1, CHUNK_ELEMENTS // v)
         want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         grad_x = torch.empty_like(x) if want_grad else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_grad else None
         total = torch.zeros((), dtype=torch.float32, device=x.device)
+        kept = targets != ignore_index  # (N,)
+        safe = torch.where(kept, targets, 0)  # (N,) ignored rows read class 0, then count 0
+        count = kept.sum()  # () the mean's denominator
         for s in range(0, n, rows):
-            xc, tc = x[s:s + rows], targets[s:s + rows]
+            xc, tc, kc = x[s:s + rows], safe[s:s + rows], kept[s:s + rows, None]  # kc (r, 1)
             logits = (xc @ weight.t()).float()  # (r, C) @ (C, V) -> (r, V)
-            lse = torch.logsumexp(logits, dim=-1)  # (r,)
-            total += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (r, 1)
+            loss = lse - logits.gather(1, tc[:, None])  # (r, 1)
+            total += torch.where(kc, loss, 0.0).sum()
             if want_grad:
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                probs = logits.sub_(lse).exp_()  # softmax, in place of the logits
                 probs[torch.arange(tc.numel(), device=x.device), tc] -= 1.0  # minus one-hot
                 probs = probs.to(x.dtype)
-                grad_x[s:s + rows] = probs @ weight  # (r, V) @ (V, C) -> (r, C)
-                grad_w.addmm_(probs.t().float(), xc.float())  # (V, r) @ (r, C) -> (V, C)
+                # ignored rows: zero their (r, C) sides, not the (r, V) probabilities
+                gx = probs @ weight  # (r, V) @ (V, C) -> (r, C)
+                grad_x[s:s + rows] = torch.where(kc, gx, 0.0)
+                xk = torch.where(kc, xc, 0.0).float()  # (r, C)
+                grad_w.addmm_(probs.t().float(), xk)  # (V, r) @ (r, C) -> (V, C)
         if want_grad:
-            ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
-        ctx.n = n
-        return total / n
+            ctx.save_for_backward(grad_x, grad_w.to(weight.dtype), count)
+        return total / count  # NaN when every target is ignored, as F.cross_entropy
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        grad_x, grad_w = ctx.saved_tensors
-        scale = grad_out / ctx.n
-        return grad_x * scale, grad_w * scale, None
+        grad_x, grad_w, count = ctx.saved_tensors
+        scale = grad_out / count.clamp(min=1)  # all ignored: zero gradients, as F.cross_entropy
+        return grad_x * scale, grad_w * scale, None, None
 
 
-def linear_cross_entropy(x: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
-    """Mean cross-entropy of ``x @ weight.T`` against ``targets``, fused and chunked.
+def linear_cross_entropy(
+    x: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX
+) -> Tensor:
+    """Mean cross-entropy of ``x @ weight.T`` against ``targets``, fused and chunked, over
+    the positions whose target is not ``ignore_index``.
 
-    Shapes: x (N, C), weight (V, C), targets (N,) int64 -> scalar.
+    Shapes: x (N, C), weight (V, C), targets (N,) int64 or int32 -> scalar.
     """
     if x.dim() != 2 or targets.shape != (x.size(0),):
         raise ValueError(f"expected x (N, C) and targets (N,), got {list(x.shape)} and "
                          f"{list(targets.shape)}")
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= weight.size(0)):
-        raise ValueError(f"targets must be token ids in [0, {weight.size(0)})")
-    return _LinearCrossEntropy.apply(x, weight, targets)
+    if targets.dtype != torch.long and targets.dtype != torch.int:
+        raise ValueError(
+            f"targets must hold integer token ids (int64 or int32), got {targets.dtype}"
+        )
+    v = weight.size(0)
+    if not torch.compiler.is_compiling():  # a data-dependent check: one device sync
+        bad = (targets != ignore_index) & ((targets < 0) | (targets >= v))
+        if bool(bad.any()):
+            raise ValueError(
+                f"targets must be token ids in [0, {v}) or {ignore_index} (ignore_index), "
+                f"got {int(targets[bad][0])}"
+            )
+    return _LinearCrossEntropy.apply(x, weight, targets, ignore_index)

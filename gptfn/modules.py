@@ -20,7 +20,8 @@ from torch import Tensor, nn
 
 from gptfn import functional as F
 from gptfn.config import PRESET_ALIASES, PRESETS, GPTConfig, resolve_config
-from gptfn.loss import linear_cross_entropy
+from gptfn.inputs import as_token_rows
+from gptfn.loss import IGNORE_INDEX, linear_cross_entropy
 from gptfn.params import init_params, num_params, validate_params
 
 if TYPE_CHECKING:
@@ -212,6 +213,7 @@ class GPTModel(nn.Module):
         self.num_heads = cfg.num_heads
         self.eps = cfg.layer_norm_eps
         self.dropout = cfg.dropout_rate
+        self.ignore_index = IGNORE_INDEX  # targets left out of the loss (padding)
         meta = torch.device("meta")
         self.wte = Embedding(cfg.vocab_size, cfg.embed_dim, device=meta)
         self.wpe = Embedding(cfg.context_length, cfg.embed_dim, device=meta)
@@ -232,9 +234,18 @@ class GPTModel(nn.Module):
     def forward(self, idx: Tensor, targets: Optional[Tensor] = None) -> Tensor:
         """Logits; or, given ``targets``, the mean next-token cross-entropy (a scalar),
         computed by ``gptfn.loss.linear_cross_entropy`` without materialising the logits.
+        Targets equal to ``ignore_index`` (-100, as in ``F.cross_entropy``: padding) are
+        left out of the mean; if every target is -100 the mean is NaN, as there.
+
+        In eager mode ``idx`` and ``targets`` may also be lists or numpy arrays (a flat
+        list is one row); the scripted module takes tensors only.
 
         Shapes: idx (B, T) -> logits (B, T, V); targets (B, T) -> loss ().
         """
+        if not torch.jit.is_scripting():
+            idx = as_token_rows(idx, "idx", self.wte.weight.device)
+            if targets is not None:
+                targets = as_token_rows(targets, "targets", self.wte.weight.device)
         F.check_idx(idx, self.vocab_size, self.context_length)
         pos = torch.arange(idx.size(1), device=idx.device)  # (T,)
         x = F.embed(idx, pos, self.wte.weight, self.wpe.weight, self.dropout, self.training)
@@ -246,11 +257,19 @@ class GPTModel(nn.Module):
             raise ValueError(
                 f"targets must have the shape of idx {list(idx.shape)}, got {list(targets.shape)}"
             )
+        if targets.dtype != torch.long and targets.dtype != torch.int:
+            raise ValueError(
+                f"targets must hold integer token ids (int64 or int32), got {targets.dtype}"
+            )
         x = F.final_norm(x, self.ln_f.weight, self.ln_f.bias, self.eps)  # (B, T, C)
         if not torch.jit.is_scripting():
-            return linear_cross_entropy(x.flatten(0, 1), self.wte.weight, targets.flatten())
+            return linear_cross_entropy(
+                x.flatten(0, 1), self.wte.weight, targets.flatten(), self.ignore_index
+            )
         logits = F.tied_head(x, self.wte.weight)  # (B, T, V)
-        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        return torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), targets.flatten().long(), ignore_index=self.ignore_index
+        )
 
     # ------------------------------------------------------- cached inference
     def prefill(self, idx: Tensor, cache: "KVCache", start: Optional[Tensor] = None):

@@ -17,8 +17,12 @@ import base64
 import codecs
 import functools
 import hashlib
+import numbers
+import operator
 from pathlib import Path
-from typing import AbstractSet, Collection, Dict, Iterable, Iterator, List, Literal, Sequence, Union
+from typing import (
+    AbstractSet, Any, Collection, Dict, Iterable, Iterator, List, Literal, Sequence, Union,
+)
 
 import tiktoken
 
@@ -27,6 +31,7 @@ R50K_PATH = Path(__file__).parent / "assets" / "r50k_base.tiktoken"
 R50K_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 ENCODINGS = ("gpt2", "r50k_base", "p50k_base")
 
+Ids = Union[int, Iterable[int]]  # a sequence of ids, a 1-D tensor or array, or one id
 AllowedSpecial = Union[Literal["all"], AbstractSet[str]]
 DisallowedSpecial = Union[Literal["all"], Collection[str]]
 
@@ -149,14 +154,40 @@ class BPETokenizer:
             disallowed_special=disallowed_special,
         )
 
-    def decode_bytes(self, ids: Iterable[int]) -> bytes:
-        ids = list(ids)
-        self._check_ids(ids)
-        return self.encoding.decode_bytes(ids)
+    def decode_bytes(self, ids: Ids) -> bytes:
+        """The bytes of ``ids``: a sequence of ints, a 1-D tensor or array, or one id."""
+        ids = _id_list(ids)
+        try:
+            self._check_ids(ids)
+            return self.encoding.decode_bytes(ids)
+        except TypeError:
+            _name_bad_id(ids)  # a float, a nested list ...: raise an error that says so
+            raise
 
-    def decode(self, ids: Iterable[int], errors: str = "replace") -> str:
-        """Text of ``ids``; bytes that are not valid UTF-8 become U+FFFD (``errors="replace"``)."""
+    def decode(self, ids: Ids, errors: str = "replace") -> str:
+        """Text of ``ids`` (one sequence: a list of ints, a 1-D tensor or array, or one id);
+        bytes that are not valid UTF-8 become U+FFFD (``errors="replace"``). For a batch
+        (a 2-D tensor, a list of lists) use ``decode_batch``."""
         return self.decode_bytes(ids).decode("utf-8", errors=errors)
+
+    def decode_batch(self, rows: Iterable[Ids], errors: str = "replace") -> List[str]:
+        """Text of each row of ``rows``: a 2-D tensor or array, or a sequence of id lists
+        (rows may differ in length)."""
+        if isinstance(rows, (str, bytes)):
+            raise TypeError(f"decode_batch takes rows of token ids, got {type(rows).__name__}")
+        ndim = getattr(rows, "ndim", None)
+        if ndim is not None and hasattr(rows, "tolist"):  # a tensor or an array
+            if ndim != 2:
+                raise ValueError(
+                    f"decode_batch takes rows of ids (2-D), got shape {list(rows.shape)}"
+                    + (": use decode for one sequence" if ndim < 2 else "")
+                )
+            rows = rows.tolist()
+        rows = list(rows)
+        if any(isinstance(r, numbers.Integral) or getattr(r, "ndim", 1) == 0 for r in rows):
+            raise ValueError("decode_batch takes rows of ids, got a flat sequence of ids: "
+                             "use decode for one sequence")
+        return [self.decode(r, errors) for r in rows]
 
     def decoder(self, errors: str = "replace") -> "IncrementalDecoder":
         """A decoder for token-by-token output (see ``IncrementalDecoder``)."""
@@ -168,6 +199,48 @@ class BPETokenizer:
         lo, hi, n = min(ids), max(ids), self.n_vocab
         if lo < 0 or hi >= n:
             raise ValueError(f"token id {lo if lo < 0 else hi} is outside the vocab [0, {n})")
+
+
+def _id_list(ids: Any) -> List[Any]:
+    """``ids`` (one sequence of ids: a list, a 1-D tensor or array; or one id, also a 0-d
+    tensor or a numpy int) as a list, without importing torch or numpy."""
+    if isinstance(ids, (str, bytes)):
+        raise TypeError(f"decode takes token ids, got {type(ids).__name__} (encode turns text "
+                        "into ids)")
+    if isinstance(ids, numbers.Integral) and not isinstance(ids, bool):
+        return [ids]  # one id (int, numpy int)
+    ndim = getattr(ids, "ndim", None)
+    if ndim is not None and hasattr(ids, "tolist"):  # a tensor or an array
+        if ndim > 1:
+            raise ValueError(
+                f"decode takes one sequence of ids (1-D), got shape {list(ids.shape)}: "
+                "decode row by row, or use decode_batch"
+            )
+        ids = ids.tolist()
+        return ids if ndim == 1 else [ids]
+    try:
+        return list(ids)
+    except TypeError:
+        raise TypeError(
+            f"decode takes token ids (a list of ints, a 1-D tensor or one int), "
+            f"got {type(ids).__name__}"
+        ) from None
+
+
+def _name_bad_id(ids: List[Any]) -> None:
+    """Raise the error that says what in ``ids`` is not a token id (if anything is)."""
+    for pos, i in enumerate(ids):
+        if isinstance(i, (list, tuple)) or getattr(i, "ndim", 0) > 0:
+            raise ValueError(
+                f"decode takes one sequence of ids, got a sequence of sequences (item {pos} "
+                f"is a {type(i).__name__}): decode row by row, or use decode_batch"
+            )
+        try:
+            operator.index(i)
+        except TypeError:
+            raise TypeError(
+                f"token ids must be ints, got {type(i).__name__} {i!r:.40} at position {pos}"
+            ) from None
 
 
 class IncrementalDecoder:
@@ -183,7 +256,6 @@ class IncrementalDecoder:
 
     def push(self, ids: Union[int, Iterable[int]]) -> str:
         """Add one id (or several) and return the text that is now complete (maybe "")."""
-        ids = [ids] if isinstance(ids, int) else list(ids)
         return self._utf8.decode(self._tokenizer.decode_bytes(ids))
 
     def flush(self) -> str:

@@ -261,6 +261,11 @@ def gpt_forward(
 
     Shapes: idx (B, T), input_pos (T,) -> logits (B, T, V).
     """
+    if not isinstance(idx, torch.Tensor):  # the core takes tensors; GPTModel takes lists too
+        raise TypeError(
+            f"idx must be a torch.Tensor of token ids, got {type(idx).__name__} "
+            "(torch.tensor(idx) converts a list; GPTModel and generate accept lists)"
+        )
     if cache is None:
         return gpt_logits(
             params, idx, config.num_layers, config.num_heads, config.layer_norm_eps,
