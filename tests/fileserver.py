@@ -1,8 +1,11 @@
 """A real HTTP server on 127.0.0.1, in a thread, serving bytes the tests made.
 
 It speaks HTTP/1.1 with Range support, states hashes the way the hub (sha256 ETag on
-large files) and Azure (Content-MD5) do, and can misbehave on request: cut a transfer
-once, ignore Range, lie about Content-Length, serve corrupt bytes, answer with a status.
+large files) and Azure (Content-MD5) do, or none, and can misbehave on request: cut a
+transfer once, ignore Range, lie about Content-Length, serve corrupt bytes (keeping the
+stated hash), serve other bytes in a file's place (an HTML page, a truncated file: with a
+length and hash of their own, as a broken mirror would), answer with a status, or send
+slowly. A client that hangs up mid-transfer is no error.
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ import base64
 import hashlib
 import re
 import socket
+import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Dict, List, Optional, Set, Tuple
@@ -25,6 +30,15 @@ class Behaviour:
     corrupt: Set[str] = field(default_factory=set)  # flip a byte, keep the stated hash
     status: Dict[str, int] = field(default_factory=dict)
     hash_style: str = "hub"  # "hub": sha256 ETag; "azure": Content-MD5; "none"
+    replace: Dict[str, bytes] = field(default_factory=dict)  # path -> bytes served instead
+    rate: Optional[float] = None  # bytes per second of every body; None: as fast as it goes
+
+
+class _Server(ThreadingHTTPServer):
+
+    def handle_error(self, request, client_address) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that hung up
+            super().handle_error(request, client_address)
 
 
 class FileServer:
@@ -32,6 +46,7 @@ class FileServer:
         self.files = dict(files)
         self.behaviour = Behaviour()
         self.requests: List[Tuple[str, Optional[str], int]] = []  # (path, Range, status)
+        self.times: List[float] = []  # time.monotonic() of each request, as self.requests
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -41,10 +56,14 @@ class FileServer:
                 pass
 
             def do_GET(self):
-                server._serve(self)
+                try:
+                    server._serve(self)
+                except (BrokenPipeError, ConnectionResetError):
+                    self.close_connection = True  # the client went away (killed, say)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.httpd = _Server(("127.0.0.1", 0), Handler)
+        # a short poll: shutdown() waits for it, at the end of every test
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True)
 
     @property
     def url(self) -> str:
@@ -62,6 +81,7 @@ class FileServer:
         b = self.behaviour
         path = h.path.split("?")[0]
         rng = h.headers.get("Range")
+        self.times.append(time.monotonic())
         if path in b.status:
             self.requests.append((path, rng, b.status[path]))
             h.send_response(b.status[path])
@@ -74,7 +94,7 @@ class FileServer:
             h.send_header("Content-Length", "0")
             h.end_headers()
             return
-        data = self.files[path]
+        data = b.replace.get(path, self.files[path])
         body = bytearray(data)
         if path in b.corrupt:
             body[len(body) // 2] ^= 0xFF
@@ -108,8 +128,18 @@ class FileServer:
             h.connection.shutdown(socket.SHUT_RDWR)
             h.close_connection = True
             return
-        h.wfile.write(payload)
+        self._send(h, payload)
         if b.extra_length.get(path):
             h.wfile.flush()
             h.connection.shutdown(socket.SHUT_RDWR)
             h.close_connection = True
+
+    def _send(self, h: BaseHTTPRequestHandler, payload: bytes) -> None:
+        if not self.behaviour.rate:
+            h.wfile.write(payload)
+            return
+        piece = 8192
+        for i in range(0, len(payload), piece):
+            h.wfile.write(payload[i:i + piece])
+            h.wfile.flush()
+            time.sleep(len(payload[i:i + piece]) / self.behaviour.rate)

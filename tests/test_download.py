@@ -1,16 +1,33 @@
-"""Downloads against a real HTTP server on 127.0.0.1; OpenAI TF checkpoints; conversion."""
+"""Downloads against a real HTTP server on 127.0.0.1; OpenAI TF checkpoints; conversion;
+files checked before they are cached; a model's files as one unit, under faults (a full disk
+at each file system call, kill -9 mid-transfer).
+
+The full-disk test runs ``gptfn download`` under strace, two runs at a time on two cores: every
+write, rename and unlink fails once (with ENOSPC), and the first and last of its other calls
+that change a file (``GPTFN_DOWNLOAD_FAULTS=all``: every one of them). The kill test kills
+it at three random moments of its transfers.
+"""
 
 import json
+import os
+import random
+import stat
 import subprocess
 import sys
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
 from gptfn import GPTModel, gpt_forward, init_params, load_params
-from gptfn.weights.download import DownloadError, download, plan
+from gptfn.fileio import umask_mode
+from gptfn.weights.download import OPENAI_FILES, DownloadError, download, is_cached, plan
 from gptfn.weights.hub import canonicalize
 from gptfn.weights.safetensors_io import save_safetensors
+from tests.faults import (Call, file_calls, python_argv, require_strace, run_and_kill,
+                          run_with_fault, spread)
 from tests.fileserver import FileServer
 from tests.helpers import hf_logits, hf_model, random_idx, randomize_ln_and_biases, tiny_config
 
@@ -31,8 +48,65 @@ def hub_repo(tmp_path_factory):
 
 @pytest.fixture
 def fast(monkeypatch):
-    """Short back-off so retry tests take milliseconds."""
+    """Short back-off so retry tests take milliseconds; online whatever the environment says."""
+    monkeypatch.delenv("GPTFN_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     return dict(progress=False, retries=3, backoff=0.01)
+
+
+@pytest.fixture(scope="module")
+def tiny_hub(tmp_path_factory):
+    """A 2-layer, 32-wide model with a 64-token vocabulary in the hub's layout (114 kB):
+    (config, params, the files the server serves)."""
+    cfg = tiny_config(vocab_size=64, context_length=16)
+    params = randomize_ln_and_biases(init_params(cfg, 3))
+    d = tmp_path_factory.mktemp("tiny")
+    save_safetensors(params, d / "model.safetensors", metadata={"format": "pt"})
+    files = {HUB + "config.json": json.dumps(cfg.to_hf_dict()).encode(),
+             HUB + "model.safetensors": (d / "model.safetensors").read_bytes()}
+    return cfg, params, files
+
+
+HTML = b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head><body>...</body></html>\n"
+
+
+def gpt2_dir(cache):
+    return cache / "hf" / "openai-community" / "gpt2"
+
+
+def assert_whole(cache, files, params=None):
+    """The cache holds the model's complete set, byte for byte the server's, and it loads."""
+    target = gpt2_dir(cache)
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors"]
+    for name in ("config.json", "model.safetensors"):
+        assert (target / name).read_bytes() == files[HUB + name], name
+    assert is_cached("gpt2", cache_dir=cache)
+    _, loaded = load_params(target)
+    if params is not None:
+        assert set(loaded) == set(params) and all(torch.equal(loaded[k], params[k]) for k in params)
+
+
+def assert_none_or_whole(cache, files, before=None):
+    """The cache holds the complete model set, or none: no model directory, or (part of) the
+    one that was there ``before`` ({name: bytes}), untouched."""
+    target = gpt2_dir(cache)
+    if is_cached("gpt2", cache_dir=cache):
+        assert_whole(cache, files)
+    elif target.exists():
+        assert {p.name: p.read_bytes() for p in target.iterdir()}.items() <= (before or {}).items()
+
+
+def older_partial_directory(cache):
+    """What an older gptfn left when a download was cut: config.json (of whatever the server
+    had then) renamed into the model's directory, beside model.safetensors.part."""
+    target = gpt2_dir(cache)
+    target.mkdir(parents=True)
+    before = {"config.json": json.dumps(tiny_config(vocab_size=64, context_length=32)
+                                        .to_hf_dict()).encode(),
+              "model.safetensors.part": bytes(1000)}
+    for name, data in before.items():
+        (target / name).write_bytes(data)
+    return before
 
 
 def test_download_then_load_equals_source(hub_repo, tmp_path, fast):
@@ -102,8 +176,8 @@ def test_corrupt_file_is_detected_and_deleted(hub_repo, tmp_path, fast):
         with pytest.raises(DownloadError, match="corrupt"):
             download("gpt2", base_url=server.url, cache_dir=tmp_path, **fast)
     target, _ = plan("gpt2", cache_dir=tmp_path)
-    assert not (target / "model.safetensors").exists()
-    assert not (target / "model.safetensors.part").exists()
+    assert not target.exists()
+    assert not list(tmp_path.rglob("model.safetensors*"))
 
 
 def test_wrong_content_length(hub_repo, tmp_path, fast):
@@ -180,9 +254,19 @@ def openai_release(tmp_path_factory, hub_repo):
     return cfg, model, d
 
 
+def openai_files(d):
+    """The release directory's files as the server serves them. TF's Saver writes absolute
+    paths into ``checkpoint``; OpenAI's file names ``model.ckpt``, relative to its directory
+    (so that a load reads the downloaded files, not the ones the test wrote)."""
+    files = {f"/models/124M/{f.name}": f.read_bytes() for f in d.iterdir()}
+    files["/models/124M/checkpoint"] = (b'model_checkpoint_path: "model.ckpt"\n'
+                                        b'all_model_checkpoint_paths: "model.ckpt"\n')
+    return files
+
+
 def test_openai_download_and_tf_load_equal_hf(openai_release, tmp_path, fast):
     cfg, model, d = openai_release
-    files = {f"/models/124M/{f.name}": f.read_bytes() for f in d.iterdir()}
+    files = openai_files(d)
     with FileServer(files) as server:
         server.behaviour.hash_style = "azure"
         server.behaviour.cut_once.add("/models/124M/model.ckpt.data-00000-of-00001")
@@ -240,9 +324,333 @@ def test_download_cli_one_line_errors_and_success(hub_repo, tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [
         f"gptfn: error: HTTP 404 (not found) for {server.url}{HUB}config.json"]
+    with FileServer(files) as server:
+        server.behaviour.replace[HUB + "config.json"] = HTML
+        r = run("gpt2", "--base-url", server.url)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"gptfn: error: config.json from {server.url}{HUB}config.json is not JSON (starts with "
+        "'<!DOCTYPE html>'); it was deleted"]
     r = run("gpt-9")
     assert r.returncode == 2 and "unknown model name 'gpt-9'" in r.stderr
     with FileServer(files) as server:
         r = run("gpt2", "--base-url", server.url)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == str(tmp_path / "hf" / "openai-community" / "gpt2")
+
+
+# ------------------------------------------------------------ files checked before caching
+
+@pytest.mark.parametrize("served, problem", [
+    (HTML, "is not JSON (starts with '<!DOCTYPE html>')"),
+    (b'{"error": "Repository not found"}', "is not a GPT-2 config (unknown config key 'error')"),
+    (b"", "is empty"),
+])
+def test_config_json_that_is_no_gpt2_config_is_refused(tiny_hub, tmp_path, fast, served, problem):
+    """A mirror that answers 200 with a login page (or an error document) as config.json."""
+    _, params, files = tiny_hub
+    with FileServer(files) as server:
+        server.behaviour.replace[HUB + "config.json"] = served
+        with pytest.raises(DownloadError) as e:
+            download("gpt2", base_url=server.url, cache_dir=tmp_path, **fast)
+        url = f"{server.url}{HUB}config.json"
+        assert str(e.value) == f"config.json from {url} {problem}; it was deleted"
+        assert not gpt2_dir(tmp_path).exists() and not list(tmp_path.rglob("config.json*"))
+        server.behaviour.replace.clear()  # the mirror mended: the next run completes
+        download("gpt2", base_url=server.url, cache_dir=tmp_path, **fast)
+    assert_whole(tmp_path, files, params)
+
+
+def test_truncated_safetensors_with_no_hash_and_an_honest_length_is_refused(tiny_hub, tmp_path,
+                                                                            fast):
+    _, params, files = tiny_hub
+    whole = files[HUB + "model.safetensors"]
+    with FileServer(files) as server:
+        server.behaviour.hash_style = "none"
+        server.behaviour.replace[HUB + "model.safetensors"] = whole[:-1000]
+        with pytest.raises(DownloadError) as e:
+            download("gpt2", base_url=server.url, cache_dir=tmp_path, **fast)
+        assert server.requests[-1] == (HUB + "model.safetensors", None, 200)  # all it offered
+        server.behaviour.replace.clear()
+        download("gpt2", base_url=server.url, cache_dir=tmp_path, **fast)
+        # config.json was whole and stayed staged: only the weights were fetched again
+        fetched = [r[0][len(HUB):] for r in server.requests]
+        assert fetched == ["config.json", "model.safetensors", "model.safetensors"]
+    message = str(e.value)
+    assert message.startswith(f"model.safetensors from {server.url}{HUB}model.safetensors is "
+                              "not a valid safetensors file: ")
+    assert f"the file holds only {len(whole) - 1008 - int.from_bytes(whole[:8], 'little')} " \
+           "(truncated); it was deleted" in message
+    assert_whole(tmp_path, files, params)
+
+
+def _html(data):
+    return HTML
+
+
+@pytest.mark.parametrize("name, damage, problem, deleted", [
+    ("hparams.json", _html, "hparams.json from {url} is not JSON (starts with '<!DOCTYPE html>')",
+     ["hparams.json"]),
+    ("hparams.json", lambda d: d.replace(b'"n_embd": 32', b'"n_embd": 30'),
+     "hparams.json from {url} is not a GPT-2 config (GPTConfig.embed_dim (30) must be divisible "
+     "by num_heads (4))", ["hparams.json"]),
+    ("model.ckpt.index", lambda d: d[:-100],
+     "model.ckpt.index from {url} is not a TF checkpoint index: no table magic number at its end",
+     ["model.ckpt.index"]),
+    ("model.ckpt.index", lambda d: d[:40] + bytes([d[40] ^ 1]) + d[41:],
+     "model.ckpt.index from {url} is not a TF checkpoint index: block 0 fails its checksum",
+     ["model.ckpt.index"]),
+    ("model.ckpt.data-00000-of-00001", lambda d: d[:-1000],
+     "model.ckpt.index and model.ckpt.data-00000-of-00001 disagree: tensor 'model/wte' needs "
+     "bytes", ["model.ckpt.index", "model.ckpt.data-00000-of-00001"]),
+    ("model.ckpt.meta", lambda d: d[:len(d) // 2], "model.ckpt.meta from {url} is not a TF "
+     "MetaGraph protobuf", ["model.ckpt.meta"]),
+    ("checkpoint", _html, "checkpoint from {url} is not a TF checkpoint state (starts with "
+     "'<!DOCTYPE html>')", ["checkpoint"]),
+    ("encoder.json", lambda d: b"[]", "encoder.json from {url} is not a JSON object",
+     ["encoder.json"]),
+    ("vocab.bpe", _html, "vocab.bpe from {url} is not a BPE merges file", ["vocab.bpe"]),
+])
+def test_invalid_openai_file_is_refused(openai_release, tmp_path, fast, name, damage, problem,
+                                        deleted):
+    """Each file of OpenAI's release served damaged, with no hash (a plain mirror): the error
+    names the file, its URL and what is wrong; the bad files (both, where the index and the
+    data disagree) are deleted, the good ones stay staged, and no model directory appears."""
+    _, _, d = openai_release
+    files = openai_files(d)
+    path = f"/models/124M/{name}"
+    target = tmp_path / "openai" / "models" / "124M"
+    staging = target.with_name(".124M.partial")
+    with FileServer(files) as server:
+        server.behaviour.hash_style = "none"
+        server.behaviour.replace[path] = damage(files[path])
+        with pytest.raises(DownloadError) as e:
+            download("124M", source="openai", base_url=server.url, cache_dir=tmp_path, **fast)
+        assert problem.format(url=server.url + path) in str(e.value)
+        assert all(f"{server.url}/models/124M/{f}" in str(e.value) for f in deleted)
+        assert not target.exists() and not is_cached("124M", "openai", tmp_path)
+        for f in deleted:
+            assert not (staging / f).exists() and not (staging / f"{f}.part").exists()
+        server.behaviour.replace.clear()
+        server.requests.clear()
+        download("124M", source="openai", base_url=server.url, cache_dir=tmp_path, **fast)
+        # what was fetched whole and checked stayed staged: the next run fetches the rest
+        rest = deleted if len(deleted) == 2 else OPENAI_FILES[OPENAI_FILES.index(name):]
+        assert sorted(r[0].rsplit("/", 1)[1] for r in server.requests) == sorted(rest)
+    assert all((target / p.rsplit("/", 1)[1]).read_bytes() == b for p, b in files.items())
+
+
+def test_offline_variables_read_as_hf_hub_offline(tiny_hub, tmp_path, fast, monkeypatch):
+    """0 / false / no / off / empty mean online, 1 / true / yes / on offline, for
+    GPTFN_OFFLINE and HF_HUB_OFFLINE alike; GPTFN_OFFLINE, where set, decides."""
+    _, _, files = tiny_hub
+    with FileServer(files) as server:
+        for var in ("GPTFN_OFFLINE", "HF_HUB_OFFLINE"):
+            for i, value in enumerate(["0", "false", "No", "off", "", " 0 "]):
+                monkeypatch.setenv(var, value)
+                download("gpt2", base_url=server.url, cache_dir=tmp_path / f"{var}{i}", **fast)
+            for value in ["1", "true", "YES", "on"]:
+                monkeypatch.setenv(var, value)
+                disabled = rf"downloads are disabled \({var}={value}\)"
+                with pytest.raises(DownloadError, match=disabled):
+                    download("gpt2", base_url=server.url, cache_dir=tmp_path / "off", **fast)
+            monkeypatch.delenv(var)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        monkeypatch.setenv("GPTFN_OFFLINE", "0")
+        download("gpt2", base_url=server.url, cache_dir=tmp_path / "both", **fast)
+    assert not (tmp_path / "off").exists()
+
+
+@pytest.mark.parametrize("var", ["GPTFN_OFFLINE", "HF_HUB_OFFLINE"])
+def test_offline_variable_with_another_value_is_an_error(tiny_hub, tmp_path, fast, monkeypatch,
+                                                         var):
+    _, _, files = tiny_hub
+    with FileServer(files) as server:
+        download("gpt2", base_url=server.url, cache_dir=tmp_path / "cached", **fast)
+        monkeypatch.setenv(var, "maybe")
+        for cache in ("cached", "empty"):  # a typo is said at once, cached model or not
+            with pytest.raises(ValueError, match=rf"^{var}='maybe' is not understood: set it to "
+                               "1, true, yes or on to forbid downloads, or to 0, false"):
+                download("gpt2", base_url=server.url, cache_dir=tmp_path / cache, **fast)
+        assert len(server.requests) == 2
+    assert not (tmp_path / "empty").exists()
+
+
+@pytest.mark.parametrize("damage", ["html config.json", "truncated model.safetensors",
+                                    "no model.safetensors"])
+def test_invalid_cached_file_is_not_trusted(tiny_hub, tmp_path, fast, monkeypatch, damage):
+    """A cached set is re-checked (headers and JSON, no hash) before it is used: a bad one is
+    an error offline, and downloaded again online (with a warning)."""
+    _, params, files = tiny_hub
+    target = gpt2_dir(tmp_path)
+    with FileServer(files) as server:
+        download("gpt2", base_url=server.url, cache_dir=tmp_path, **fast)
+        if damage == "html config.json":
+            (target / "config.json").write_bytes(HTML)
+            problem = f"{target / 'config.json'} is not JSON (starts with '<!DOCTYPE html>')"
+        elif damage == "truncated model.safetensors":
+            weights = target / "model.safetensors"
+            weights.write_bytes(weights.read_bytes()[:-10])
+            problem = f"{weights} is not a valid safetensors file: tensor"
+        else:
+            (target / "model.safetensors").unlink()
+            problem = f"{target} lacks model.safetensors"
+        assert not is_cached("gpt2", cache_dir=tmp_path)
+        monkeypatch.setenv("GPTFN_OFFLINE", "1")
+        with pytest.raises(DownloadError) as e:
+            download("gpt2", base_url=server.url, cache_dir=tmp_path, **fast)
+        assert str(e.value).startswith(f"gpt2 is not in the cache ({problem}")
+        assert str(e.value).endswith("and downloads are disabled (GPTFN_OFFLINE=1)")
+        monkeypatch.delenv("GPTFN_OFFLINE")
+        with pytest.warns(UserWarning, match="downloading gpt2 again"):
+            download("gpt2", base_url=server.url, cache_dir=tmp_path, **fast)
+        assert len(server.requests) == 4  # the whole set, again
+    assert_whole(tmp_path, files, params)
+
+
+# ------------------------------------------------------------------- one set, one unit
+
+def test_file_set_is_one_unit(tiny_hub, tmp_path, fast):
+    """A download that fails part way leaves no model directory at all (its complete files
+    wait, staged, for the next run); files get the umask's mode."""
+    _, params, files = tiny_hub
+    target = gpt2_dir(tmp_path)
+    with FileServer(files) as server:
+        server.behaviour.status[HUB + "model.safetensors"] = 404
+        with pytest.raises(DownloadError, match="HTTP 404"):
+            download("gpt2", base_url=server.url, cache_dir=tmp_path, **fast)
+        assert not target.exists()  # no config.json under its final name, alone
+        assert (target.with_name(".gpt2.partial") / "config.json").is_file()
+        del server.behaviour.status[HUB + "model.safetensors"]
+        download("gpt2", base_url=server.url, cache_dir=tmp_path, **fast)
+        fetched = [r[0][len(HUB):] for r in server.requests]
+        assert fetched == ["config.json", "model.safetensors", "model.safetensors"]
+    assert_whole(tmp_path, files, params)
+    assert sorted(p.name for p in target.parent.iterdir()) == [".gpt2.lock", "gpt2"]
+    for path in [target, *target.iterdir()]:
+        want = umask_mode(0o777 if path.is_dir() else 0o666)
+        assert stat.S_IMODE(path.stat().st_mode) == want, path
+
+
+def test_partial_directory_of_an_older_version_is_replaced_whole(tiny_hub, tmp_path, fast):
+    """An older gptfn renamed each file into the model's directory as it came; what a cut run
+    left there is not a set: every file is fetched again, and the directory replaced whole."""
+    _, params, files = tiny_hub
+    target = gpt2_dir(tmp_path)
+    older_partial_directory(tmp_path)
+    assert not is_cached("gpt2", cache_dir=tmp_path)
+    with FileServer(files) as server:
+        with pytest.warns(UserWarning, match=f"{target} lacks model.safetensors: downloading"):
+            download("gpt2", base_url=server.url, cache_dir=tmp_path, **fast)
+        assert [r[1] for r in server.requests] == [None, None]  # nothing resumed from the old
+    assert_whole(tmp_path, files, params)
+
+
+def test_concurrent_downloads_of_one_model_take_turns(tiny_hub, tmp_path, fast):
+    _, params, files = tiny_hub
+    with FileServer(files) as server:
+        server.behaviour.rate = 400_000  # ~0.3 s per transfer: the runs overlap
+        with ThreadPoolExecutor(3) as pool:
+            paths = list(pool.map(lambda _: download("gpt2", base_url=server.url,
+                                                     cache_dir=tmp_path, **fast), range(3)))
+        assert sorted(r[0] for r in server.requests) == sorted(files)  # each file once
+    assert paths == [gpt2_dir(tmp_path)] * 3
+    assert_whole(tmp_path, files, params)
+
+
+# ------------------------------------------------------------- faults: full disk, kill -9
+
+FAULT_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # two runs at a time on 2 cores
+# each of these fails once; an even spread of the other calls that change a file
+EACH = ("write", "pwrite64", "rename", "renameat", "renameat2", "unlink", "unlinkat", "rmdir")
+SYSCALLS = (*EACH, "openat", "fsync", "mkdir", "mkdirat")
+ALL_FAULTS = os.environ.get("GPTFN_DOWNLOAD_FAULTS") == "all"
+
+
+def _download_argv(url, cache):
+    return python_argv("-m", "gptfn", "download", "gpt2", "--base-url", url, "--cache-dir",
+                       str(cache), "--no-progress")
+
+
+def rerun(url, cache, fast):
+    """A plain download after a fault (which may say that it replaces what it found)."""
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        download("gpt2", base_url=url, cache_dir=cache, **fast)
+    assert all("downloading gpt2 again" in str(w.message) for w in seen), seen
+
+
+def _changes_files(call: Call) -> bool:
+    if "= -1" in call.text:
+        return False  # failed in the dry run too (mkdir of a parent not there yet)
+    if call.syscall == "openat":
+        return any(flag in call.text for flag in ("O_CREAT", "O_WRONLY", "O_RDWR"))
+    return True
+
+
+def test_full_disk_at_each_file_call_leaves_no_set_or_a_whole_one(tiny_hub, tmp_path, fast):
+    """ENOSPC at each write, rename and unlink of ``gptfn download`` (and at a spread of its
+    other calls that change a file: mkdir, open for writing, fsync), over the directory an
+    older gptfn left (so that replacing it is failed too): a one-line error or success, then
+    the cache holds no model set or the complete one, and a plain re-run completes."""
+    require_strace()
+    _, params, files = tiny_hub
+    before = older_partial_directory(tmp_path / "dry")
+    with FileServer(files) as server:
+        calls = [c for c in file_calls(_download_argv(server.url, tmp_path / "dry"),
+                                       tmp_path / "dry", env=FAULT_ENV, syscalls=SYSCALLS)
+                 if _changes_files(c)]
+        each = [c for c in calls if c.syscall in EACH]
+        chosen = calls if ALL_FAULTS else each + spread([c for c in calls if c not in each], 2)
+        assert {c.syscall for c in each} >= {"write", "rename", "unlinkat", "rmdir"}
+
+        def faulted(i_call):
+            i, call = i_call
+            older_partial_directory(tmp_path / f"c{i}")
+            return run_with_fault(_download_argv(server.url, tmp_path / f"c{i}"), call,
+                                  env=FAULT_ENV)
+
+        with ThreadPoolExecutor(2) as pool:
+            results = list(pool.map(faulted, enumerate(chosen)))
+        failed = 0
+        for i, (call, r) in enumerate(zip(chosen, results)):
+            cache = tmp_path / f"c{i}"
+            assert "Traceback" not in r.stderr, (call.text, r.stderr)
+            assert r.returncode in (0, 2), (call.text, r.returncode, r.stderr)
+            errors = [line for line in r.stderr.splitlines() if line.startswith("gptfn: error:")]
+            assert len(errors) == r.returncode // 2, (call.text, r.stderr)
+            failed += r.returncode == 2
+            assert_none_or_whole(cache, files, before)
+            rerun(server.url, cache, fast)
+            assert_whole(cache, files, params)
+    assert failed >= len(each)  # every failed write, rename and unlink was an error
+def test_kill_9_mid_download_leaves_no_set_or_a_whole_one(tiny_hub, tmp_path, fast):
+    """kill -9 of ``gptfn download`` at random moments of its transfers (a slowed server):
+    the cache holds no model set or the complete one, and a plain re-run completes, resuming
+    what the killed run left."""
+    _, params, files = tiny_hub
+    with FileServer(files) as server:
+        server.behaviour.rate = 60_000  # ~2 s for the weights
+        start = time.monotonic()
+        assert run_and_kill(_download_argv(server.url, tmp_path / "whole"), 120) == 0
+        end = time.monotonic() - start
+        first = server.times[0] - start  # the interpreter's start-up is not worth killing
+        assert_whole(tmp_path / "whole", files, params)
+        rng = random.Random(7)
+        landed = []
+        for i, (lo, hi) in enumerate([(0.05, 0.35), (0.35, 0.65), (0.65, 0.95)]):
+            cache = tmp_path / f"k{i}"
+            after = first + rng.uniform(lo, hi) * (end - first)
+            for _ in range(3):
+                seen = len(server.requests)
+                code = run_and_kill(_download_argv(server.url, cache), after)
+                if code is not None or len(server.requests) > seen:
+                    break
+                after += first / 2  # killed while starting up (a busy machine): later
+            assert_none_or_whole(cache, files)
+            staged = gpt2_dir(cache).with_name(".gpt2.partial")
+            landed.append((round(after, 2), code, sorted(p.name for p in staged.glob("*"))))
+            rerun(server.url, cache, fast)
+            assert_whole(cache, files, params)
+    # at least one kill cut a transfer
+    cut = [names for *_, names in landed if any(n.endswith(".part") for n in names)]
+    assert cut, (first, end, landed)

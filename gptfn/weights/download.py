@@ -1,4 +1,4 @@
-"""``gptfn.download``: GPT-2 weights into gptfn's cache, resumable, offline-first.
+"""``gptfn.download``: GPT-2 weights into gptfn's cache, resumable, checked, offline-first.
 
 Sources:
 
@@ -11,30 +11,53 @@ Sources:
   ``GPTFN_OPENAI_BASE_URL``, or ``base_url``. Cached in ``CACHE/openai/models/{size}/``.
 
 ``CACHE`` is ``cache_dir``, else ``$GPTFN_CACHE_DIR``, else ``$XDG_CACHE_HOME/gptfn``, else
-``~/.cache/gptfn``. Files already in the cache are used with no network at all.
+``~/.cache/gptfn``. Nothing outside it is written or deleted.
 
-Each file streams into ``NAME.part`` (a tqdm bar per file) and is renamed to ``NAME`` only
-when whole: its size matches Content-Length and, where the server states one, its hash
-matches (the hub's sha256 ``X-Linked-Etag`` / ``ETag`` of large files; Azure's
-``Content-MD5`` / ``x-ms-blob-content-md5``). An interrupted transfer resumes from the
-``.part`` file with a Range request (and restarts cleanly when the server ignores Range).
-Connection errors, time-outs, cut transfers, 429 and 5xx are retried with exponential
-backoff; other HTTP errors are not. A corrupt file is deleted; partial data is only ever
-kept as a resumable ``.part``.
+A model's files are one unit. The model's directory (``CACHE/hf/openai-community/gpt2``, say)
+exists only holding a complete set: the files are downloaded into a staging directory beside
+it (``.gpt2.partial``), which is renamed to ``gpt2`` only when every file is there and
+checked. A cut, a kill or a full disk leaves no model directory (or the invalid one that was
+there, or part of it), and the staging directory, from which the next run goes on. A set
+already in the model directory is re-checked cheaply (``gptfn.weights.filecheck``: headers
+and small files parsed, nothing hashed) and then used with no network at all; a set that
+fails (incomplete, or a file that is not what its name says, such as what an older gptfn
+left) is downloaded again, with a warning, and replaces it whole. Concurrent downloads of one
+model take turns (``fcntl.flock`` on ``.gpt2.lock`` beside it).
+
+Each file streams into ``NAME.part`` in the staging directory (a tqdm bar per file) and is
+renamed to ``NAME`` only when it is whole and checked: its size matches Content-Length;
+where the server states one, its hash matches (the hub's sha256 ``X-Linked-Etag`` / ``ETag``
+of large files; Azure's ``Content-MD5`` / ``x-ms-blob-content-md5``); and its content is what
+its name says (``filecheck``: config JSON a GPT-2 config, a safetensors header that ends where
+the file does, a TF index whose tensors fit in the data file ...). A bad file is deleted, and
+the ``DownloadError`` names the file, its URL and what is wrong. An interrupted transfer
+resumes from the ``.part`` file with a Range request (and restarts cleanly when the server
+ignores Range). Connection errors, time-outs, cut transfers, 429 and 5xx are retried with
+exponential backoff; other HTTP errors are not. Files get the umask's mode.
+
+``GPTFN_OFFLINE`` (or, where that is unset or empty, ``HF_HUB_OFFLINE``) set to ``1``,
+``true``, ``yes`` or ``on`` forbids the network; ``0``, ``false``, ``no``, ``off`` or empty
+allows it; any other value is an error.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import os
 import re
+import shutil
+import sys
 import time
+import warnings
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from gptfn.config import PRESET_ALIASES, PRESETS
+from gptfn.fileio import fsync_dir
 from gptfn.progress import byte_bar
+from gptfn.weights.filecheck import BadFile, check_file, check_set
 from gptfn.weights.resolve import HF_REPOS, cache_dir as default_cache_dir
 
 HF_BASE = "https://huggingface.co"
@@ -52,6 +75,9 @@ OPENAI_FILES = (
 OPENAI_SIZES = {"gpt2": "124M", "gpt2-medium": "355M", "gpt2-large": "774M", "gpt2-xl": "1558M"}
 TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 CHUNK = 1 << 16  # written as it comes: a cut transfer keeps all but the last chunk
+OFFLINE_VARIABLES = ("GPTFN_OFFLINE", "HF_HUB_OFFLINE")  # the first one not empty decides
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"", "0", "false", "no", "off"})
 
 
 class DownloadError(OSError):
@@ -91,9 +117,31 @@ def plan(
     raise ValueError(f"unknown source {source!r}: use 'hf' or 'openai'")
 
 
+def offline() -> Optional[str]:
+    """``"VAR=value"`` of the variable that forbids downloads, or None (see the module
+    docstring). A value that is neither true nor false is a ValueError naming it."""
+    decided: Optional[bool] = None
+    found = None
+    for var in OFFLINE_VARIABLES:
+        value = os.environ.get(var)
+        if value is None:
+            continue
+        word = value.strip().lower()
+        if word not in _TRUE and word not in _FALSE:
+            raise ValueError(
+                f"{var}={value!r} is not understood: set it to 1, true, yes or on to forbid "
+                "downloads, or to 0, false, no, off or nothing to allow them"
+            )
+        if decided is None and word:
+            decided = word in _TRUE
+            found = f"{var}={value}" if decided else None
+    return found
+
+
 def is_cached(name: str, source: str = "hf", cache_dir=None) -> bool:
+    """Whether the cache holds the model's complete file set, and it passes the cheap checks."""
     target, files = plan(name, source, None, cache_dir)
-    return all((target / f).is_file() for f, _ in files)
+    return _set_problem(target, [f for f, _ in files]) is None
 
 
 def download(
@@ -107,30 +155,116 @@ def download(
     timeout: float = 30.0,
 ) -> Path:
     """Fetch a GPT-2 model's files into the cache (see the module docstring); returns the
-    directory that holds them. Files already cached are not fetched again."""
+    directory that holds them. A complete, valid set already cached is not fetched again."""
     target, files = plan(name, source, base_url, cache_dir)
-    missing = [(f, url) for f, url in files if not (target / f).is_file()]
-    if not missing:
+    names = [f for f, _ in files]
+    forbidden = offline()
+    problem = _set_problem(target, names)
+    if problem is None:
         return target
-    if os.environ.get("GPTFN_OFFLINE") or os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True"):
-        raise DownloadError(
-            f"{name} is not in the cache ({target} lacks {', '.join(f for f, _ in missing)}) "
-            "and downloads are disabled (GPTFN_OFFLINE / HF_HUB_OFFLINE)"
-        )
+    if forbidden:
+        raise DownloadError(f"{name} is not in the cache ({problem[1]}) and downloads are "
+                            f"disabled ({forbidden})")
+    if target.is_symlink():
+        raise DownloadError(f"{target} is a symbolic link to an incomplete model ({problem[1]}):"
+                            " gptfn does not download through it; remove it, or fill it yourself")
     import requests
 
-    target.mkdir(parents=True, exist_ok=True)
-    with requests.Session() as session:
-        session.headers["User-Agent"] = "gptfn"
-        for fname, url in missing:
-            fetch(url, target / fname, session, retries=retries, backoff=backoff,
-                  timeout=timeout, progress=progress)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.partial")
+    with _lock(target.with_name(f".{target.name}.lock"), progress):
+        problem = _set_problem(target, names)  # another process may have made it meanwhile
+        if problem is None:
+            return target
+        if target.exists():
+            warnings.warn(f"{problem[1]}: downloading {name} again", stacklevel=2)
+        staging.mkdir(exist_ok=True)
+        for f in names:  # a staged file that no longer passes is fetched again
+            if (staging / f).is_file() and _file_problem(staging / f):
+                (staging / f).unlink()
+        with requests.Session() as session:
+            session.headers["User-Agent"] = "gptfn"
+            for f, url in files:
+                if not (staging / f).is_file():
+                    fetch(url, staging / f, session, retries=retries, backoff=backoff,
+                          timeout=timeout, progress=progress)
+        try:  # each file was checked alone as it came (or, staged before, above)
+            check_set(staging, names)
+        except BadFile as e:
+            for f in e.names:
+                (staging / f).unlink(missing_ok=True)
+            urls = dict(files)
+            raise DownloadError(f"{e} (from {', '.join(urls[f] for f in e.names)}); "
+                                f"{'both were' if len(e.names) == 2 else 'it was'} deleted")
+        _publish(staging, target)
     return target
+
+
+def _file_problem(path: Path) -> Optional[str]:
+    try:
+        check_file(path)
+    except BadFile as e:
+        return str(e)
+    return None
+
+
+def _set_problem(directory: Path, names: Sequence[str]) -> Optional[Tuple[List[str], str]]:
+    """None when ``directory`` holds every file of ``names`` and they pass the cheap checks;
+    else (the files at fault, what is wrong, naming the directory)."""
+    if not directory.is_dir():
+        what = "is not a directory" if directory.exists() else "does not exist"
+        return list(names), f"{directory} {what}"
+    missing = [f for f in names if not (directory / f).is_file()]
+    if missing:
+        return missing, f"{directory} lacks {', '.join(missing)}"
+    for f in names:
+        problem = _file_problem(directory / f)
+        if problem:
+            return [f], f"{directory / f} {problem}"
+    try:
+        check_set(directory, names)
+    except BadFile as e:
+        return list(e.names), f"in {directory}: {e}"
+    return None
+
+
+def _publish(staging: Path, target: Path) -> None:
+    """Rename the complete staging directory to ``target``, replacing what was there."""
+    fsync_dir(staging)
+    if target.is_dir():
+        shutil.rmtree(target)  # an incomplete or invalid set: never a valid one
+    elif target.exists():
+        target.unlink()
+    os.rename(staging, target)
+    fsync_dir(target.parent)
+
+
+@contextlib.contextmanager
+def _lock(path: Path, progress: bool) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (where the platform has one)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if progress:
+                print(f"gptfn: waiting for another download into {path.parent} to end",
+                      file=sys.stderr)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock (and a kill -9 releases it too)
 
 
 def fetch(url: str, dest: Path, session, retries: int = 4, backoff: float = 1.0,
           timeout: float = 30.0, progress: bool = True) -> Path:
-    """Download ``url`` to ``dest`` through ``dest.part`` (see the module docstring)."""
+    """Download ``url`` to ``dest`` through ``dest.part``: renamed to ``dest`` only when whole
+    and checked (see the module docstring)."""
     import requests
 
     part = dest.with_name(dest.name + ".part")
@@ -139,7 +273,7 @@ def fetch(url: str, dest: Path, session, retries: int = 4, backoff: float = 1.0,
         if attempt:
             time.sleep(backoff * 2 ** (attempt - 1))
         try:
-            _transfer(url, part, session, timeout, progress, dest.name)
+            expected = _transfer(url, part, session, timeout, progress, dest.name)
         except _Retry as e:
             last = str(e)
             continue
@@ -149,14 +283,34 @@ def fetch(url: str, dest: Path, session, retries: int = 4, backoff: float = 1.0,
         except requests.exceptions.ChunkedEncodingError as e:
             last = f"transfer cut: {_describe(e)}"
             continue
-        os.replace(part, dest)
-        return dest
-    kept = f"; the {part.stat().st_size} bytes received are kept in {part} and a retry resumes " \
-           f"from there" if part.exists() and part.stat().st_size else ""
-    raise DownloadError(f"could not download {url} after {retries + 1} attempts: {last}{kept}")
+        break
+    else:
+        kept = f"; the {part.stat().st_size} bytes received are kept in {part} and a retry " \
+               f"resumes from there" if part.exists() and part.stat().st_size else ""
+        raise DownloadError(f"could not download {url} after {retries + 1} attempts: {last}{kept}")
+    problem = None
+    if expected is not None:
+        algo, want = expected
+        got = _file_hash(part, algo)
+        if got != want:
+            problem = f"is corrupt ({algo} {got}, the server states {want})"
+    if problem is None:
+        try:
+            check_file(part, dest.name)
+        except BadFile as e:
+            problem = str(e)
+    if problem is not None:
+        part.unlink()
+        raise DownloadError(f"{dest.name} from {url} {problem}; it was deleted")
+    os.replace(part, dest)
+    return dest
 
 
-def _transfer(url: str, part: Path, session, timeout: float, progress: bool, label: str) -> None:
+def _transfer(url: str, part: Path, session, timeout: float, progress: bool,
+              label: str) -> Optional[Tuple[str, str]]:
+    """One request for the rest of ``part``; returns the hash the server states, if any."""
+    import requests
+
     offset = part.stat().st_size if part.exists() else 0
     headers = {"Range": f"bytes={offset}-"} if offset else {}
     with session.get(url, headers=headers, stream=True, timeout=timeout) as r:
@@ -180,21 +334,18 @@ def _transfer(url: str, part: Path, session, timeout: float, progress: bool, lab
                 for chunk in r.iter_content(CHUNK):
                     fh.write(chunk)
                     bar.update(len(chunk))
+                fh.flush()
+                os.fsync(fh.fileno())
+        except requests.RequestException:
+            raise
+        except OSError as e:  # the disk, not the network
+            raise DownloadError(f"cannot write {part}: {e.strerror or e}") from None
         finally:
             bar.close()
         size = part.stat().st_size
         if total is not None and size != total:
             raise _Retry(f"got {size} of {total} bytes (Content-Length) from {url}")
-        expected = _expected_hash(r)
-    if expected is not None:
-        algo, want = expected
-        got = _file_hash(part, algo)
-        if got != want:
-            part.unlink()
-            raise DownloadError(
-                f"{url}: the downloaded file is corrupt ({algo} {got}, the server states "
-                f"{want}); it was deleted"
-            )
+        return _expected_hash(r)
 
 
 def _check_content_range(value: Optional[str], offset: int, url: str) -> None:
