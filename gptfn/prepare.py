@@ -73,7 +73,7 @@ def find_inputs(inputs: Sequence[Union[str, Path]], glob: str = "*.txt") -> List
     sorted within each directory; an error names an input that is missing or empty."""
     files: List[Path] = []
     for item in inputs:
-        path = Path(item)
+        path = Path(item).expanduser()
         if path.is_file():
             files.append(path)
         elif path.is_dir():

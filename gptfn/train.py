@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import re
 import signal
 import threading
@@ -245,6 +246,10 @@ def train(
             raise FileNotFoundError(
                 f"cannot resume: {out} holds no checkpoint (no {POINTER}); check the run "
                 "directory, or leave out --resume to start a new run")
+        links = [name for name in RUN_FILES if (out / name).is_symlink()]
+        if links:
+            raise ValueError(f"{out / links[0]} is a symbolic link: gptfn writes only files of "
+                             "its own inside the run directory; remove the link to resume")
         ck = load_checkpoint(out)
         start, tokens = int(ck.state["step"]), int(ck.state["tokens"])
         if ck.config != config:
@@ -461,7 +466,10 @@ def _append_metrics(path: Path, row: dict) -> None:
     rows = _read_metrics(path) if path.is_file() and not _ends_cleanly(path) else None
     if rows is not None:  # a cut-short last line: rewrite without it before appending
         _write_metrics(path, rows)
-    with open(path, "a", encoding="utf-8") as fh:
+    # O_NOFOLLOW: a symbolic link planted as metrics.jsonl must not make gptfn append to a
+    # file outside the run directory
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    with open(fd, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(row) + "\n")
 
 

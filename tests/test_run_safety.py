@@ -85,6 +85,21 @@ def test_saving_never_follows_a_planted_temporary_link(tmp_path):
     assert not (out / ".ckpt-00000010.tmp").exists()
 
 
+def test_run_files_planted_as_links_are_never_written_through(tmp_path):
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep me\n")
+    out = tmp_path / "run"
+    run(out, max_steps=10)
+    (out / "metrics.jsonl").unlink()
+    (out / "metrics.jsonl").symlink_to(outside)
+    with pytest.raises(ValueError, match="metrics.jsonl is a symbolic link"):
+        run(out, max_steps=20, resume=True)
+    with pytest.raises(OSError):  # O_NOFOLLOW, should a link appear mid-run
+        T._append_metrics(out / "metrics.jsonl", {"step": 1})
+    run(out, max_steps=10, overwrite=True)  # removes the link, not what it points to
+    assert outside.read_text() == "keep me\n" and not (out / "metrics.jsonl").is_symlink()
+
+
 def test_a_shard_index_cannot_point_outside_its_directory(tmp_path):
     cfg = tiny_config()
     d = tmp_path / "m"

@@ -34,7 +34,7 @@ CHECKPOINT_FILES = ("hparams.json", "model.ckpt.index")
 
 
 def is_tf_checkpoint_dir(path: Union[str, os.PathLike]) -> bool:
-    path = Path(path)
+    path = Path(path).expanduser()
     return path.is_dir() and all((path / f).is_file() for f in CHECKPOINT_FILES)
 
 
@@ -55,7 +55,7 @@ def tf_name(key: str) -> str:
 
 def load_tf_checkpoint(path: Union[str, os.PathLike]) -> Tuple[GPTConfig, Dict[str, Tensor]]:
     """(config, canonical params) of an OpenAI GPT-2 release directory."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if not is_tf_checkpoint_dir(path):
         raise FileNotFoundError(
             f"{path} is not an OpenAI GPT-2 checkpoint directory (needs "
