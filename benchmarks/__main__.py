@@ -9,13 +9,54 @@ rooflines, HF's static cache + torch.compile as a second peer in decode).
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
+import tempfile
 from pathlib import Path
+from typing import Optional
 
 from benchmarks.harness import write_report
 
 WORKLOADS = ("decode", "prefill", "training", "loading", "compile", "artifacts", "memory",
              "tokenize", "prepare")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (0 and negatives are refused, never replaced)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def check_out_dir(out: Path) -> Optional[str]:
+    """Why reports cannot be written to directory ``out`` (None: they can). Creates ``out``
+    (as the run would) and a probe file in it, removed at once."""
+    if out.exists() and not out.is_dir():
+        return "exists and is not a directory"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", suffix=".tmp", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        return f"cannot write there: {e.strerror or e}"
+    return None
 
 
 def main(argv=None) -> int:
@@ -29,28 +70,24 @@ def main(argv=None) -> int:
                              "gpt2-large, gpt2-xl")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     parser.add_argument("--dtype", default="fp32", help="fp32 (default), bf16, fp16 (CUDA)")
-    parser.add_argument("--batch-size", type=int, default=None,
+    parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="rows of the batched decode (8) and of the training step (8)")
     parser.add_argument("--hf-compiled", action="store_true",
                         help="add HF's static cache + torch.compile to decode on the CPU "
                              "(always there on CUDA)")
-    parser.add_argument("--peak-gbps", type=float, default=None,
+    parser.add_argument("--peak-gbps", type=positive_float, default=None,
                         help="device memory bandwidth in GB/s, for GPUs not in the spec table")
-    parser.add_argument("--peak-tflops", type=float, default=None,
+    parser.add_argument("--peak-tflops", type=positive_float, default=None,
                         help="device peak TFLOP/s at --dtype, for GPUs not in the spec table")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch threads (default: torch's own choice)")
-    parser.add_argument("--rounds", type=int, default=None,
+    parser.add_argument("--rounds", type=positive_int, default=None,
                         help="interleaved rounds (default 7, 3 with --quick)")
     args = parser.parse_args(argv)
     unknown = [w for w in args.workloads if w not in WORKLOADS]
     if unknown:
         parser.error(f"unknown workload(s) {', '.join(unknown)}; known: {', '.join(WORKLOADS)}")
-    rounds = args.rounds or (3 if args.quick else 7)
-    if rounds < 1:
-        parser.error("--rounds must be at least 1")
-    if args.batch_size is not None and args.batch_size < 1:
-        parser.error("--batch-size must be at least 1")
+    rounds = args.rounds if args.rounds is not None else (3 if args.quick else 7)
     from gptfn import GPTConfig
 
     try:
@@ -60,8 +97,6 @@ def main(argv=None) -> int:
     out = Path(args.out)
     import torch
 
-    from benchmarks import (artifacts, compile_time, decode, loading, memory, prefill, tokenizer,
-                            training)
     from benchmarks.device import Target
     from benchmarks.plot import plot_result
 
@@ -71,9 +106,28 @@ def main(argv=None) -> int:
         parser.error(str(exc))
     if target.is_cuda and target.device.index is not None:
         torch.cuda.set_device(target.device)  # events and streams on the device measured
-    if args.threads:
+    problem = check_out_dir(out)  # before minutes of work, not after
+    if problem:
+        print(f"python -m benchmarks: error: --out {out}: {problem}", file=sys.stderr)
+        return 2
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    try:
+        _run(args, rounds, target, out, plot_result)
+    except OSError as e:  # a report that cannot be written (a full disk), a missing file
+        print(f"python -m benchmarks: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("python -m benchmarks: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _run(args, rounds: int, target, out: Path, plot_result) -> None:
+    from benchmarks import (artifacts, compile_time, decode, loading, memory, prefill, tokenizer,
+                            training)
+
     for name in args.workloads or WORKLOADS:
         if name == "decode":
             result = decode.bench_decode(args.quick, rounds, preset=args.model, target=target,
@@ -101,7 +155,6 @@ def main(argv=None) -> int:
         else:
             result = tokenizer.bench_prepare(args.quick)
         _report(out, result, plot_result)
-    return 0
 
 
 def _report(out: Path, result: dict, plot_result) -> None:

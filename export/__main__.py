@@ -1,14 +1,16 @@
 """``python -m export torchscript|pt2|aoti --model NAME_OR_PATH [--random-init] --out PATH
 [--dtype D] [--device D] [--max-seq-len N]``: build, verify against eager, keep.
 
-Exit status 0 only after the artifact was verified; 1 when verification failed (nothing is
-kept); 2 for bad arguments, with a one-line error.
+The artifact and its report ``OUT.report.json`` (which names each artifact with its size and
+sha256) are written as one unit (see ``export.commit``). Each stage says on stderr what it
+is doing. Exit status 0 only after the artifact was verified; 1 when verification failed
+(nothing is kept); 2 for bad arguments or a failed write (a full disk), with a one-line
+error; 130 when interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -29,23 +31,22 @@ def main(argv=None) -> int:
     try:
         import torch
 
-        from export.build import build, check_request
+        from export.build import artifact_paths, build, check_request
         from export.verify import VerificationError, format_report, verify
-        from gptfn.fileio import atomic_write_text
         from gptfn.weights.resolve import load_model, parse_device, parse_dtype
 
         device, dtype = parse_device(args.device), parse_dtype(args.dtype)
         out = Path(args.out)
+        _status(f"loading {args.model}")
         model = load_model(args.model, args.random_init, args.seed, dtype, device)
         max_seq_len = args.max_seq_len or model.config.context_length
         check_request(model.config, out, max_seq_len, device, dtype)
         with torch.no_grad():
             report = build(args.kind, model, out, max_seq_len,
-                           lambda kind, paths: verify(kind, paths, model, max_seq_len, args.seed))
-        atomic_write_text(out.with_name(out.name + ".report.json"),
-                          json.dumps(report, indent=2, default=str) + "\n")
+                           lambda kind, paths: verify(kind, paths, model, max_seq_len, args.seed),
+                           log=_status)
         print(format_report(report))
-        print(f"verified and written: {', '.join(report['artifacts'])}")
+        print(f"verified and written: {', '.join(map(str, artifact_paths(args.kind, out)))}")
         return 0
     except VerificationError as e:
         print(f"export: verification failed, nothing kept: {e}", file=sys.stderr)
@@ -53,6 +54,14 @@ def main(argv=None) -> int:
     except (ValueError, OSError, ImportError) as e:
         print(f"export: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("export: interrupted", file=sys.stderr)
+        return 130
+
+
+def _status(message: str) -> None:
+    """A long step says what it is doing (on stderr: stdout carries the report)."""
+    print(f"export: {message} ...", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

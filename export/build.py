@@ -1,28 +1,31 @@
 """Writing artifacts: TorchScript (.pt), torch.export (.pt2), AOTInductor packages (.pt2).
 
 Every artifact is written under a temporary name in the target directory, verified against
-eager gptfn (``export.verify``), and only then renamed to its final name; a failed export
-or a failed check leaves nothing under the final name.
+eager gptfn (``export.verify``), and only then renamed to its final name, with its report
+(``OUT.report.json``) as one unit (``export.commit``): a failed build or check leaves the
+previous artifacts and report as they were.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor
 
 from export.artifact import DecodeStep, ScriptableGPT
+from export.commit import commit, remove_stale_temps, report_path, temp_path
 from gptfn.config import GPTConfig
 from gptfn.scripting import script
 
 KINDS = ("torchscript", "pt2", "aoti")
 # torch.jit.save/load of a scripted module warn like torch.jit.script does
 _JIT_DEPRECATED = r"`torch\.jit\.(save|load|script)` is deprecated"
+# AOTInductor's own use of a pytree API it deprecates (torch 2.13): nothing a caller can change
+_TREESPEC_DEPRECATED = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
 
 
 def check_request(config: GPTConfig, out: Path, max_seq_len: int, device: torch.device,
@@ -30,6 +33,8 @@ def check_request(config: GPTConfig, out: Path, max_seq_len: int, device: torch.
     """The errors a user can cause, before any work."""
     if not out.parent.is_dir():
         raise FileNotFoundError(f"output directory does not exist: {out.parent}")
+    if out.is_dir():
+        raise IsADirectoryError(f"--out {out} is a directory: give the artifact's file path")
     if not 1 <= max_seq_len <= config.context_length:
         raise ValueError(
             f"max_seq_len {max_seq_len} must be in [1, context_length {config.context_length}]"
@@ -40,18 +45,33 @@ def check_request(config: GPTConfig, out: Path, max_seq_len: int, device: torch.
         raise ValueError("device cuda asked for, but torch sees no CUDA GPU here")
 
 
-def _temp_path(out: Path, suffix: str = "") -> Path:
-    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp" + suffix, dir=out.parent)
-    os.close(fd)
-    return Path(name)
-
-
 def save_torchscript(config: GPTConfig, params: Dict[str, Tensor], path: Path,
                      max_seq_len: int) -> None:
     module = script(ScriptableGPT(config, params, max_seq_len))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_JIT_DEPRECATED)
-        module.save(str(path))
+        data = module.save_to_buffer()
+    write_bytes(path, data)
+
+
+def write_bytes(path: Path, data) -> None:
+    """Write ``data`` (bytes, or a buffer) to ``path`` with Python's file I/O, so that a
+    failed write (a full disk) is an OSError. Artifacts are serialized in memory first
+    because torch's stream writer, given a file name, aborts the whole process when a write
+    fails (its destructor throws: no exception, no clean-up, a C++ trace)."""
+    try:
+        with open(path, "wb") as fh:
+            fh.write(data)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None  # the message names the file
+
+
+def _in_memory(save: Callable[[io.BytesIO], object]) -> memoryview:
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_TREESPEC_DEPRECATED, category=FutureWarning)
+        save(buffer)
+    return buffer.getbuffer()
 
 
 def load_torchscript(path: Path):
@@ -87,41 +107,59 @@ def decode_package_path(out: Path) -> Path:
     return out.with_name(out.stem + ".decode" + out.suffix)
 
 
+def artifact_paths(kind: str, out: Path) -> List[Path]:
+    """The files an export of ``kind`` at ``out`` writes, its report last."""
+    finals = [out, decode_package_path(out)] if kind == "aoti" else [out]
+    return finals + [report_path(out)]
+
+
 def build(kind: str, model, out: Path, max_seq_len: int,
-          verify: Callable[[str, List[Path]], dict]) -> dict:
-    """Write artifact(s) of ``kind`` for ``model`` at ``out`` (verified before renaming)."""
+          verify: Callable[[str, List[Path]], dict],
+          log: Optional[Callable[[str], None]] = None) -> dict:
+    """Write artifact(s) of ``kind`` for ``model`` at ``out`` and their report
+    ``OUT.report.json``, as one unit, once verified (see ``export.commit``). ``log`` hears
+    a line as each stage starts. Returns the report."""
     from gptfn.generation import model_parts
 
     if kind not in KINDS:
         raise ValueError(f"unknown artifact kind {kind!r}; use one of {', '.join(KINDS)}")
+    say = log or (lambda message: None)
     config, params = model_parts(model)
     device = params["wte.weight"].device
+    *finals, report_final = artifact_paths(kind, out)
+    remove_stale_temps([*finals, report_final])  # what a killed export of this name left
     temps: List[Path] = []
-    finals: List[Path] = []
     try:
         if kind == "torchscript":
-            tmp = _temp_path(out)
-            temps.append(tmp)
-            save_torchscript(config, params, tmp, max_seq_len)
-            finals.append(out)
+            temps.append(temp_path(out))
+            say(f"scripting the model and writing {out.name}")
+            save_torchscript(config, params, temps[0], max_seq_len)
         elif kind == "pt2":
-            tmp = _temp_path(out, ".pt2")
-            temps.append(tmp)
-            torch.export.save(export_forward(model, config, max_seq_len, device), str(tmp))
-            finals.append(out)
+            temps.append(temp_path(out, ".pt2"))
+            say("exporting the forward pass (torch.export)")
+            program = export_forward(model, config, max_seq_len, device)
+            say(f"writing {out.name}")
+            write_bytes(temps[0], _in_memory(lambda f: torch.export.save(program, f)))
         else:
-            fwd, dec = _temp_path(out, ".pt2"), _temp_path(decode_package_path(out), ".pt2")
-            temps += [fwd, dec]
-            torch._inductor.aoti_compile_and_package(
-                export_forward(model, config, max_seq_len, device), package_path=str(fwd))
-            torch._inductor.aoti_compile_and_package(
-                export_decode(config, params, max_seq_len, device), package_path=str(dec))
-            finals += [out, decode_package_path(out)]
+            temps += [temp_path(final, ".pt2") for final in finals]
+            say("exporting the forward pass (torch.export)")
+            program = export_forward(model, config, max_seq_len, device)
+            say(f"compiling the forward pass with AOTInductor into {finals[0].name} "
+                "(the slow step: a minute or more for GPT-2 124M)")
+            write_bytes(temps[0], _in_memory(
+                lambda f: torch._inductor.aoti_compile_and_package(program, package_path=f)))
+            say("exporting the decode step (torch.export)")
+            program = export_decode(config, params, max_seq_len, device)
+            say(f"compiling the decode step with AOTInductor into {finals[1].name}")
+            write_bytes(temps[1], _in_memory(
+                lambda f: torch._inductor.aoti_compile_and_package(program, package_path=f)))
+        say("verifying against eager gptfn (logits and greedy decoding)")
         report = verify(kind, temps)
-        for tmp, final in zip(temps, finals):
-            os.replace(tmp, final)
-        report["artifacts"] = [str(f) for f in finals]
-        return report
+        say(f"committing {', '.join(f.name for f in [*finals, report_final])}")
+        return commit(list(zip(temps, finals)), report, report_final)
     finally:
         for tmp in temps:
-            Path(tmp).unlink(missing_ok=True)
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass  # left under a temporary name: the next export of this name removes it

@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Sequence
 import pytest
 
 # The calls through which a process changes files; each can fail with ENOSPC / EACCES / EIO.
-FILE_SYSCALLS = ("openat", "write", "pwrite64", "ftruncate", "fsync", "fdatasync", "rename",
+FILE_SYSCALLS = ("openat", "write", "writev", "pwrite64", "pwritev", "pwritev2", "ftruncate", "fsync", "fdatasync", "rename",
                  "renameat", "renameat2", "mkdir", "mkdirat", "unlink", "unlinkat", "link",
                  "linkat", "fchmod")
 _LINE = re.compile(r"^(\d+)\s+([a-z0-9_]+)\((.*)$")

@@ -138,3 +138,55 @@ def test_unknown_workload():
     r = subprocess.run([sys.executable, "-m", "benchmarks", "nope"], capture_output=True,
                        text=True, cwd=ROOT)
     assert r.returncode == 2 and "unknown workload" in r.stderr
+
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--rounds", "0"], "argument --rounds: must be at least 1, got 0"),
+    (["--rounds", "-3"], "argument --rounds: must be at least 1, got -3"),
+    (["--threads", "0"], "argument --threads: must be at least 1, got 0"),
+    (["--threads", "-1"], "argument --threads: must be at least 1, got -1"),
+    (["--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+    (["--rounds", "two"], "argument --rounds: 'two' is not an integer"),
+    (["--peak-gbps", "0"], "argument --peak-gbps: must be a finite number > 0, got 0"),
+    (["--peak-tflops", "inf"], "argument --peak-tflops: must be a finite number > 0, got inf"),
+    (["--peak-tflops", "nan"], "argument --peak-tflops: must be a finite number > 0, got nan"),
+])
+def test_numeric_options_are_refused_not_replaced(tmp_path, capsys, monkeypatch, args, message):
+    from benchmarks import tokenizer
+    from benchmarks.__main__ import main
+
+    monkeypatch.setattr(tokenizer, "bench_tokenize", _must_not_run)
+    with pytest.raises(SystemExit) as exc:
+        main(["tokenize", "--quick", "--out", str(tmp_path / "runs"), *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()  # refused before anything ran or was written
+
+
+def _must_not_run(*args, **kwargs):
+    raise AssertionError("a benchmark ran")
+
+
+def test_an_unwritable_out_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    import os
+
+    from benchmarks import tokenizer
+    from benchmarks.__main__ import main
+
+    monkeypatch.setattr(tokenizer, "bench_prepare", _must_not_run)
+    a_file = tmp_path / "reports.json"
+    a_file.write_text("{}")
+    cases = [(a_file, "exists and is not a directory"), (a_file / "sub", "Not a directory"),
+             (Path("/proc/gptfn-benchmarks"), "cannot write there")]
+    if os.geteuid() != 0:  # root writes through a directory's mode bits
+        read_only = tmp_path / "read-only"
+        read_only.mkdir(mode=0o555)
+        cases.append((read_only / "runs", "Permission denied"))
+    for out, reason in cases:
+        assert main(["prepare", "--out", str(out)]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"python -m benchmarks: error: --out {out}")
+        assert reason in lines[0]
+    assert a_file.read_text() == "{}"

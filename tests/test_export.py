@@ -75,6 +75,12 @@ def test_aoti_packages_forward_and_decode(tiny_dir, tmp_path):
     r = export("aoti", "--model", str(tiny_dir), "--out", str(out), "--max-seq-len", "24")
     assert r.returncode == 0, r.stderr
     assert out.is_file() and (tmp_path / "gpt_aoti.decode.pt2").is_file()
+    assert "export: compiling the forward pass with AOTInductor" in r.stderr
+    assert "export: compiling the decode step with AOTInductor" in r.stderr
+    from export.commit import read_report
+
+    report = read_report(tmp_path / "gpt_aoti.pt2.report.json")
+    assert [a["file"] for a in report["artifacts"]] == ["gpt_aoti.pt2", "gpt_aoti.decode.pt2"]
     runner = torch._inductor.aoti_load_package(str(out))
     model = GPTModel.from_pretrained(tiny_dir)
     idx = random_idx(model.config, 2, 9)
@@ -117,6 +123,7 @@ def test_half_check_rejects_an_artifact_that_computes_something_else():
 @pytest.mark.parametrize("args, message", [
     (["--max-seq-len", "49"], "max_seq_len 49 must be in [1, context_length 48]"),
     (["--out", "/nonexistent-dir/gpt.pt"], "output directory does not exist"),
+    (["--out", "/tmp"], "--out /tmp is a directory"),
     (["--dtype", "float16"], "float16 on the CPU is not supported"),
     (["--dtype", "int4"], "unknown dtype 'int4'"),
     (["--device", "tpu"], "unknown device 'tpu'"),
@@ -147,6 +154,126 @@ def test_failed_verification_keeps_nothing(tiny_dir, tmp_path):
     with pytest.raises(VerificationError):
         build("torchscript", model, tmp_path / "gpt.pt", 32, reject)
     assert not list(tmp_path.iterdir())
+    previous = {"gpt.pt": b"previous artifact", "gpt.pt.report.json": b"previous report"}
+    for name, data in previous.items():
+        (tmp_path / name).write_bytes(data)
+    with pytest.raises(VerificationError):
+        build("torchscript", model, tmp_path / "gpt.pt", 32, reject)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == previous
+
+
+def test_export_commits_artifact_and_report_as_a_unit(tiny_dir, tmp_path, capsys):
+    """The report names the artifact with its size and sha256; the stages are announced on
+    stderr; the temporary files a killed export left (and only those) are removed; the
+    artifact gets the umask's mode, like any file the user writes."""
+    from export.__main__ import main
+    from export.build import load_torchscript
+    from export.commit import read_report, sha256_file
+
+    stale = [".gpt.pt.ab12_xyz.tmp", ".gpt.pt.report.json.0a1b2c3d.tmp"]
+    kept = [".gpt.pt.notes", ".gpt.pt.ab12_xyz.tmpfile", ".other.pt.ab12_xyz.tmp", "gpt.pt.tmp"]
+    for name in stale + kept:
+        (tmp_path / name).write_text("left by someone")
+    out = tmp_path / "gpt.pt"
+    assert main(["torchscript", "--model", str(tiny_dir), "--out", str(out),
+                 "--max-seq-len", "17"]) == 0
+    err = capsys.readouterr().err
+    for stage in ("loading", "scripting the model and writing gpt.pt", "verifying against eager",
+                  "committing gpt.pt, gpt.pt.report.json"):
+        assert f"export: {stage}" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        kept + ["gpt.pt", "gpt.pt.report.json"])
+    report = read_report(tmp_path / "gpt.pt.report.json")
+    assert report["artifacts"] == [{"file": "gpt.pt", "size_bytes": out.stat().st_size,
+                                    "sha256": sha256_file(out)}]
+    assert report["kind"] == "torchscript" and report["tokens_equal"]
+    load_torchscript(out)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def _pair(directory: Path, artifact: bytes, report: dict = None) -> dict:
+    """Commit ``artifact`` as ``a.pt`` with its report through export.commit."""
+    from export.commit import commit, report_path, temp_path
+
+    final = directory / "a.pt"
+    tmp = temp_path(final)
+    try:
+        tmp.write_bytes(artifact)
+        return commit([(tmp, final)], report or {"kind": "test"}, report_path(final))
+    finally:
+        tmp.unlink(missing_ok=True)  # as export.build does: commit renames, never removes it
+
+
+def test_a_report_is_read_only_where_it_describes_the_files_beside_it(tmp_path):
+    import json
+
+    from export.commit import StaleReport, read_report
+
+    _pair(tmp_path, b"artifact bytes")
+    report_file = tmp_path / "a.pt.report.json"
+    assert read_report(report_file)["artifacts"][0]["file"] == "a.pt"
+    (tmp_path / "a.pt").write_bytes(b"artifact bytez")  # same size, other bytes
+    with pytest.raises(StaleReport, match="a.pt is not the file this report describes"):
+        read_report(report_file)
+    (tmp_path / "a.pt").unlink()
+    with pytest.raises(StaleReport, match="names a.pt, which is not there"):
+        read_report(report_file)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "x").write_bytes(b"x")
+    report = json.loads(report_file.read_text())
+    for name in ["../a.pt", "/etc/passwd", "sub/x", "..", "", None, 3]:
+        report["artifacts"][0]["file"] = name
+        report_file.write_text(json.dumps(report))
+        with pytest.raises(StaleReport, match="not a file name in the report's own directory"):
+            read_report(report_file)
+    report_file.write_text("{not json")
+    with pytest.raises(StaleReport, match="not an export report"):
+        read_report(report_file)
+
+
+@pytest.mark.parametrize("step, nth, expect", [
+    ("replace", 0, "previous"),    # the previous report moved aside
+    ("replace", 1, "previous"),    # the artifact renamed into place: rolled back
+    ("replace", 2, "previous"),    # the report renamed into place: rolled back
+    ("_fsync_file", 1, "previous"),  # the new report's fsync
+    ("_fsync_dir", 0, "previous"),   # the previous report's move made durable
+    ("_fsync_dir", 1, "new"),        # after the commit: the new pair stands, the error is told
+    ("link", 0, "new"),              # no backup link: the commit goes on without one
+])
+def test_a_failed_commit_keeps_the_previous_pair(tmp_path, monkeypatch, step, nth, expect):
+    """A commit failing at each of its steps puts the previous pair back (or, past the commit
+    point, leaves the new pair complete), with no temporary file left behind."""
+    import export.commit as commit_module
+    from export.commit import read_report
+
+    _pair(tmp_path, b"previous artifact", {"kind": "previous"})
+    previous = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    owner = commit_module.os if step in ("replace", "link") else commit_module
+    real, calls = getattr(owner, step), []
+
+    def failing(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == nth + 1:
+            raise OSError(28, "No space left on device (simulated)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, step, failing)
+    try:
+        _pair(tmp_path, b"new artifact", {"kind": "new"})
+        failed = False
+    except OSError:
+        failed = True
+    monkeypatch.undo()
+    files = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert len(calls) > nth  # the step was reached
+    if expect == "previous":
+        assert failed and files == previous
+    else:
+        assert failed == (step == "_fsync_dir") and set(files) == set(previous)
+        assert files["a.pt"] == b"new artifact"
+        assert read_report(tmp_path / "a.pt.report.json")["kind"] == "new"
 
 
 def test_cpp_example_generates_the_same_tokens(tiny_dir, tmp_path):
