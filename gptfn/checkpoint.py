@@ -132,14 +132,26 @@ def remove_entry(path: Path, run_dir: Path) -> None:
 
 
 def _pointed(run_dir: Path) -> Optional[Path]:
-    """The checkpoint directory ``checkpoint.json`` names, checked (see the module docstring)."""
+    """The latest checkpoint: the one ``checkpoint.json`` names, checked (see the module
+    docstring), or a newer one that a save cut before it rewrote ``checkpoint.json`` left
+    (a checkpoint directory takes its name only when whole)."""
+    named = _named(run_dir)
+    newest = max((e for e in run_dir_entries(run_dir)
+                  if _CKPT.fullmatch(e.name) and e.is_dir() and not e.is_symlink()),
+                 key=lambda e: e.name, default=None)
+    if named is None or (newest is not None and newest.name > named.name):
+        return newest
+    return named
+
+
+def _named(run_dir: Path) -> Optional[Path]:
     pointer = run_dir / POINTER
     if not pointer.is_file():
         return None
     try:
         doc = json.loads(pointer.read_text(encoding="utf-8"))
         latest, step = doc["latest"], doc["step"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, RecursionError) as e:
         raise ValueError(f"{pointer} is corrupt ({type(e).__name__}: {e})") from None
     match = _CKPT.fullmatch(latest) if isinstance(latest, str) else None
     if match is None:
@@ -155,7 +167,10 @@ def _pointed(run_dir: Path) -> Optional[Path]:
 
 
 def has_checkpoint(run_dir: Union[str, os.PathLike]) -> bool:
-    return (Path(run_dir) / POINTER).is_file()
+    run_dir = Path(run_dir)
+    return (run_dir / POINTER).is_file() or any(
+        _CKPT.fullmatch(e.name) and e.is_dir() and not e.is_symlink()
+        for e in run_dir_entries(run_dir))
 
 
 def load_checkpoint(run_dir: Union[str, os.PathLike]) -> Checkpoint:
@@ -164,7 +179,7 @@ def load_checkpoint(run_dir: Union[str, os.PathLike]) -> Checkpoint:
     run_dir = Path(run_dir)
     path = _pointed(run_dir)
     if path is None:
-        raise FileNotFoundError(f"no checkpoint in {run_dir} (no {POINTER})")
+        raise FileNotFoundError(f"no checkpoint in {run_dir} (no {POINTER}, no ckpt-NNNNNNNN)")
     try:
         config, params = load_params(path)
     except (SafetensorsError, ValueError, FileNotFoundError) as e:
@@ -172,6 +187,8 @@ def load_checkpoint(run_dir: Union[str, os.PathLike]) -> Checkpoint:
     state, groups, scalars, labelled = _read_state(path / "state.json", path)
     rng = _read_rng(path / "rng.safetensors")
     names = list(param_shapes(config))
+    for g in groups:
+        _check_group(g, dict.fromkeys(names, 0), path / "state.json")
     if labelled:  # the optimizer's index order: its groups' parameters, in turn
         names = [n for g in groups if isinstance(g, dict) for n in g.get("params", [])]
         if sorted(names) != sorted(param_shapes(config)):
@@ -182,12 +199,25 @@ def load_checkpoint(run_dir: Union[str, os.PathLike]) -> Checkpoint:
                                 index, scalars)
     param_groups = []
     for g in groups:
-        unknown = [n for n in g.get("params", []) if n not in index] if isinstance(g, dict) else [g]
-        if not isinstance(g, dict) or not isinstance(g.get("params"), list) or unknown:
-            raise ValueError(f"{path / 'state.json'}: a param group names unknown parameters {unknown[:3]}")
         param_groups.append(g | {"params": [index[n] for n in g["params"]]})
     return Checkpoint(config, params, {"state": opt_state, "param_groups": param_groups},
                       state, rng, path)
+
+
+def _check_group(g: Any, index: Dict[str, int], file: Path) -> None:
+    """A saved AdamW param group: parameter names and numeric hyper-parameters."""
+    if not isinstance(g, dict) or not isinstance(g.get("params"), list):
+        raise ValueError(f"{file}: a param group is not an object with a list of parameters")
+    unknown = [n for n in g["params"] if not isinstance(n, str) or n not in index]
+    if unknown:
+        raise ValueError(f"{file}: a param group names unknown parameters {unknown[:3]!r}")
+    for key in ("lr", "weight_decay", "eps"):
+        if key in g and (isinstance(g[key], bool) or not isinstance(g[key], (int, float))):
+            raise ValueError(f"{file}: param group {key} is {g[key]!r}, not a number")
+    betas = g.get("betas", (0.9, 0.999))
+    if not isinstance(betas, (list, tuple)) or len(betas) != 2 or not all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) for b in betas):
+        raise ValueError(f"{file}: param group betas is {betas!r}, not two numbers")
 
 
 def _read_state(file: Path, path: Path):
@@ -196,9 +226,11 @@ def _read_state(file: Path, path: Path):
         state, groups, scalars = doc["state"], doc["param_groups"], doc["optimizer_scalars"]
     except FileNotFoundError:
         raise ValueError(f"checkpoint {path} is incomplete: {file.name} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, RecursionError) as e:
         raise ValueError(f"{file} is corrupt ({type(e).__name__}: {e})") from None
-    if not isinstance(state, dict) or not isinstance(groups, list) or not isinstance(scalars, dict):
+    if (not isinstance(state, dict) or not isinstance(groups, list) or not isinstance(scalars, dict)
+            or not isinstance(state.get("settings", {}), dict)
+            or not isinstance(state.get("data", {}), dict)):
         raise ValueError(f"{file} is corrupt: state, param_groups or optimizer_scalars has the wrong type")
     for key in ("step", "tokens"):
         value = state.get(key)
@@ -245,7 +277,8 @@ def _read_optimizer(file: Path, params: Optional[Dict[str, Tensor]], index: Dict
             raise ValueError(f"{file}: {key} should hold one number, has shape {tuple(value.shape)}")
         opt_state.setdefault(index[name], {})[sub] = value
     for name, entry in scalars.items():
-        if name not in index or not isinstance(entry, dict):
+        if name not in index or not isinstance(entry, dict) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in entry.values()):
             raise ValueError(f"{file.with_name('state.json')}: bad optimizer scalars for {name!r}")
         opt_state.setdefault(index[name], {}).update(entry)
     return opt_state

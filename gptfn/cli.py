@@ -24,6 +24,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    """A seed torch and numpy both take: an integer in [0, 2**63)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"a seed must be in [0, 2**63), got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gptfn", description="GPT-2 as a pure function of a flat parameter dict."
@@ -45,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch-size", type=_positive_int, default=1, help="default 1")
     demo.add_argument("--seq-len", type=_positive_int, default=128, help="default 128")
     demo.add_argument("--repeats", type=_positive_int, default=5, help="timed calls (default 5)")
-    demo.add_argument("--seed", type=int, default=0, help="weights and input ids (default 0)")
+    demo.add_argument("--seed", type=_seed, default=0, help="weights and input ids (default 0)")
     demo.add_argument("--threads", type=_positive_int, default=None, help="torch threads")
     demo.add_argument("--new-tokens", type=int, default=64,
                       help="greedy tokens to generate per row, 0 to skip (default 64)")
@@ -69,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="sample from the k most likely tokens")
     gen.add_argument("--top-p", type=float, default=None,
                      help="sample from the smallest set of tokens holding this probability mass")
-    gen.add_argument("--seed", type=int, default=0, help="sampling (and --random-init) seed")
+    gen.add_argument("--seed", type=_seed, default=0, help="sampling (and --random-init) seed")
     gen.add_argument("--compile", action="store_true", help="compile the decode step")
     gen.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: auto)")
     gen.add_argument("--dtype", default=None, help="float32 (default), float16, bfloat16")
@@ -136,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "SIGTERM also save one")
     tr.add_argument("--eval-batches", type=_positive_int, default=10,
                     help="batches per evaluation (default 10)")
-    tr.add_argument("--seed", type=int, default=0, help="weights, data order, dropout")
+    tr.add_argument("--seed", type=_seed, default=0, help="weights, data order, dropout")
     tr.add_argument("--device", default="auto", help="cpu, cuda (default: auto)")
     tr.add_argument("--resume", action="store_true", help="continue from RUN_DIR's checkpoint")
     tr.add_argument("--overwrite", action="store_true",
@@ -427,6 +438,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except TrainingInterrupted as e:
         print(f"gptfn: interrupted: {e}", file=sys.stderr)
         return 130
+    except RuntimeError as e:  # torch refusing what was asked of it (a config too large, ...)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"gptfn: error: {first}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("gptfn: interrupted", file=sys.stderr)
         return 130

@@ -108,7 +108,7 @@ class GPTConfig:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise FileNotFoundError(f"config file not found: {path}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise ValueError(f"config file {path} is not valid JSON: {e}") from None
         try:
             return cls.from_dict(data)

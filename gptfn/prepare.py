@@ -71,6 +71,8 @@ def safe_cut(text: str, window: int = 4096) -> int:
 def find_inputs(inputs: Sequence[Union[str, Path]], glob: str = "*.txt") -> List[Path]:
     """Files named, plus the files under each directory matching ``glob`` (recursively),
     sorted within each directory; an error names an input that is missing or empty."""
+    if not glob or Path(glob).is_absolute() or ".." in Path(glob).parts:
+        raise ValueError(f"the glob must match names inside the directories given, got {glob!r}")
     files: List[Path] = []
     for item in inputs:
         path = Path(item).expanduser()
@@ -261,7 +263,7 @@ def _tokens_size(out: Path) -> Optional[int]:
 def _load_meta(meta_path: Path, out: Path) -> dict:
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ValueError(f"{meta_path} is not valid JSON: {e}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{meta_path} is not a gptfn token-file description")

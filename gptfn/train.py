@@ -24,6 +24,7 @@ error; resuming with settings that change the run's course says which changed.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -53,6 +54,7 @@ from gptfn.modules import GPTModel
 # ckpt-NNNNNNNN checkpoints and their temporaries.
 RUN_FILES = (POINTER, "metrics.jsonl", "losses.png", "model.safetensors", "config.json")
 # Settings that change which weights a run ends with; the others only change what it reports.
+LOCK_NAME = ".gptfn-train.lock"  # held while a run trains; left behind, empty
 COURSE_SETTINGS = ("max_steps", "batch_size", "grad_accum", "lr", "min_lr", "warmup_steps",
                    "weight_decay", "beta1", "beta2", "grad_clip", "seed")
 
@@ -226,26 +228,59 @@ def train(
     """Train ``model`` (a GPTModel) in place; see the module docstring. Returns a summary.
 
     Raises TrainingDiverged on a non-finite loss, and TrainingInterrupted (a
-    KeyboardInterrupt) after saving a checkpoint when SIGINT or SIGTERM arrives."""
+    KeyboardInterrupt) after saving a checkpoint when SIGINT or SIGTERM arrives. One run at
+    a time in a directory: a second one started there meanwhile is refused."""
     out = Path(out_dir).expanduser()
+    if resume and overwrite:
+        raise ValueError("resume and overwrite contradict each other: pick one")
+    if resume and not has_checkpoint(out):
+        raise FileNotFoundError(
+            f"cannot resume: {out} holds no checkpoint (no {POINTER}); check the run "
+            "directory, or leave out --resume to start a new run")
+    if rank != 0:
+        return _train(model, train_set, val_set, settings, out, tokenizer, resume, device,
+                      rank, world_size, log, progress, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    with _run_lock(out):
+        return _train(model, train_set, val_set, settings, out, tokenizer, resume, device,
+                      rank, world_size, log, progress, overwrite)
+
+
+@contextlib.contextmanager
+def _run_lock(out: Path):
+    """An exclusive lock on ``out/.gptfn-train.lock`` (where the platform has ``flock``)."""
+    try:
+        import fcntl
+    except ImportError:  # no flock here: one run at a time is up to the user
+        yield
+        return
+    fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FileExistsError(f"another gptfn train is running in {out}: wait for it to "
+                                  "end, or give another --out") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _train(model, train_set, val_set, settings, out, tokenizer, resume, device, rank,
+           world_size, log, progress, overwrite) -> Dict[str, object]:
     config: GPTConfig = model.config
     device = torch.device(device or "cpu")
     if len(train_set) == 0 or len(val_set) == 0:
         raise ValueError("the training and validation data must each hold at least one window")
-    if resume and overwrite:
-        raise ValueError("resume and overwrite contradict each other: pick one")
     schedule = BatchSchedule(len(train_set), settings.batch_size, settings.grad_accum,
                              world_size, settings.seed)
     course = {"settings": asdict(settings), "data": {
-        "seed": settings.seed, "context_length": train_set.context_size, "world_size": world_size}}
+        "seed": settings.seed, "context_length": train_set.context_size, "world_size": world_size,
+        "sha256": data_fingerprint(train_set)}}
     model.to(device)
     optimizer = make_optimizer(model, settings)
     start, tokens = 0, 0
     if resume:
-        if not has_checkpoint(out):
-            raise FileNotFoundError(
-                f"cannot resume: {out} holds no checkpoint (no {POINTER}); check the run "
-                "directory, or leave out --resume to start a new run")
         links = [name for name in RUN_FILES if (out / name).is_symlink()]
         if links:
             raise ValueError(f"{out / links[0]} is a symbolic link: gptfn writes only files of "
@@ -388,7 +423,26 @@ def _changed_course(saved: dict, now: dict) -> List[str]:
     for key in ("context_length", "world_size"):
         if key in old_data and old_data[key] != now["data"][key]:
             changed.append(f"{key} {old_data[key]} -> {now['data'][key]}")
+    old_sha, new_sha = old_data.get("sha256"), now["data"]["sha256"]
+    if old_sha and new_sha and old_sha != new_sha:
+        changed.append(f"the training data (sha256 {str(old_sha)[:12]}... -> {new_sha[:12]}...)")
     return changed
+
+
+def data_fingerprint(dataset) -> Optional[str]:
+    """The sha256 of the tokens a dataset's windows come from (for a prepared corpus, the
+    one its meta.json states, and its split), or None for a dataset of another kind."""
+    meta = getattr(dataset, "meta", None)
+    if isinstance(meta, dict) and "sha256" in meta:
+        tokens = getattr(dataset, "tokens", None)
+        return hashlib.sha256(f"{meta['sha256']}:{len(tokens) if tokens is not None else ''}"
+                              .encode()).hexdigest()
+    tokens = getattr(dataset, "tokens", None)
+    if isinstance(tokens, Tensor):
+        return hashlib.sha256(tokens.detach().cpu().numpy().tobytes()).hexdigest()
+    if isinstance(tokens, np.ndarray):
+        return hashlib.sha256(np.ascontiguousarray(tokens).tobytes()).hexdigest()
+    return None
 
 
 class _StopSignals:
@@ -450,9 +504,10 @@ def _read_metrics(path: Path, log=None) -> List[dict]:
             continue
         try:
             row = json.loads(line)
-            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int) or not all(
+                    isinstance(row.get(k), (int, float)) for k in ("train_loss", "val_loss")):
                 raise ValueError("not a metrics row")
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             if number == len(lines):
                 if log is not None:
                     log(f"warning: {path}: dropping its last line, cut short ({line[:40]!r})")

@@ -123,7 +123,10 @@ STEPS = ["--max-steps", "30", "--eval-interval", "30"]
 def straight(files):
     """An uninterrupted run, to compare the stopped-and-resumed runs with."""
     out = files / "straight"
-    assert main(train_args(files, out, *STEPS)) == 0
+    # a process of its own, as the stopped run's: the same thread count (an earlier test may
+    # have changed this process's), so the same sums, bit for bit
+    subprocess.run([sys.executable, "-m", "gptfn", *train_args(files, out, *STEPS)], check=True,
+                   capture_output=True)
     return _params(out)
 
 
@@ -146,6 +149,42 @@ def test_a_signal_saves_a_checkpoint_and_resuming_ends_where_the_straight_run_do
     assert line.startswith(f"gptfn: interrupted: {sig.name} at step ") and "--resume" in line
     step = int(line.split(" at step ")[1].split(":")[0])
     assert 0 < step < 30 and (out / f"ckpt-{step:08d}").is_dir()
-    assert main(train_args(files, out, *steps, "--resume")) == 0
+    subprocess.run([sys.executable, "-m", "gptfn", *train_args(files, out, *steps, "--resume")],
+                   check=True, capture_output=True)
     resumed = _params(out)
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)  # bit-identical to the uninterrupted run
+
+
+def test_more_user_mistakes_are_one_line(capsys, files, tmp_path):
+    from gptfn import GPTModel
+    from gptfn.config import GPTConfig
+    from gptfn.weights.safetensors_io import load_safetensors, save_safetensors
+
+    GPTModel(GPTConfig.from_dict(TINY), seed=0).save_pretrained(tmp_path / "m")
+    corpus = str(files / "corpus.txt")
+    assert "is not supported: use cpu, cuda" in one_line_error(
+        capsys, ["eval", "--model", str(tmp_path / "m"), "--data", corpus, "--device", "meta"])
+    with pytest.raises(SystemExit):  # argparse: usage + one error line
+        main(["train", "--data", corpus, "--out", str(tmp_path / "r"), "--seed", "-1"])
+    assert "a seed must be in [0, 2**63), got -1" in capsys.readouterr().err
+    big = tmp_path / "big.json"
+    big.write_text(json.dumps(TINY | {"embed_dim": 10**9, "num_heads": 1}))
+    line = one_line_error(capsys, ["train", "--data", corpus, "--config", str(big), "--out",
+                                   str(tmp_path / "r")], code=1)
+    assert line.startswith("gptfn: error: ")
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("hello")
+    for glob in ("/etc/*", "../*.txt"):
+        assert "the glob must match names inside" in one_line_error(
+            capsys, ["prepare", str(tmp_path / "in"), "--out", str(tmp_path / "p"), "--glob", glob])
+    weights = load_safetensors(tmp_path / "m" / "model.safetensors")
+    save_safetensors(dict(weights), tmp_path / "m" / "x.safetensors")
+    raw = (tmp_path / "m" / "x.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    header["__metadata__"] = ["x"]
+    text = json.dumps(header).encode()
+    (tmp_path / "m" / "model.safetensors").write_bytes(
+        len(text).to_bytes(8, "little") + text + raw[8 + n:])
+    assert "__metadata__ must map strings to strings" in one_line_error(
+        capsys, ["eval", "--model", str(tmp_path / "m"), "--data", corpus])

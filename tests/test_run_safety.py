@@ -300,3 +300,87 @@ def test_saved_files_get_the_umask_mode_and_paths_expand_home(tmp_path, monkeypa
         assert (tmp_path / "m" / name).stat().st_mode & 0o777 == 0o644
     assert load_params("~/m")[0] == cfg
     assert GPTModel.from_pretrained("~/m").config == cfg
+
+
+def test_a_save_cut_before_the_first_config_json_loads_as_the_new_model(tmp_path, monkeypatch):
+    cfg = tiny_config(vocab_size=48)
+    new = init_params(cfg, seed=2)
+    monkeypatch.setattr(fileio.os, "replace", FailingReplace(2))
+    with pytest.raises(OSError, match="No space"):
+        save_params(new, tmp_path / "fresh", cfg)
+    monkeypatch.undo()
+    assert not (tmp_path / "fresh" / "config.json").exists()
+    with pytest.warns(UserWarning, match="config.json is missing"):
+        got_cfg, params = load_params(tmp_path / "fresh")
+    assert got_cfg == cfg and all(torch.equal(params[k], new[k]) for k in new)
+    (tmp_path / "weights-only").mkdir()
+    os.replace(tmp_path / "fresh" / "model.safetensors", tmp_path / "weights-only" / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match="needs the model's config.json"):
+        load_params(tmp_path / "weights-only")  # no cut save's config.json: nothing to go on
+
+
+def test_a_checkpoint_whose_pointer_was_never_written_is_found(tmp_path):
+    out = tmp_path / "run"
+    run(out, max_steps=10, checkpoint_interval=5)
+    (out / "checkpoint.json").unlink()  # as if the save was cut before naming it
+    assert load_checkpoint(out).state["step"] == 10
+    lines = run(out, max_steps=20, resume=True)
+    assert any("resumed from" in line and "ckpt-00000010" in line for line in lines)
+
+
+def test_resuming_on_other_data_is_named(tmp_path):
+    out = tmp_path / "run"
+    run(out, max_steps=10)
+    from gptfn import TextDataset
+    from tests.test_train import PATTERN
+
+    shifted = TextDataset([(t + 1) % 23 for t in PATTERN], context_size=16, stride=4)
+    lines = run(out, max_steps=20, resume=True, train_set=shifted)
+    warning = next(line for line in lines if "change the run" in line)
+    assert "the training data (sha256" in warning
+
+
+@pytest.mark.parametrize("doc,message", [
+    ('[' * 100000, "is corrupt"),
+    ('{"latest": "ckpt-00000010", "step": 10, "x": ' + '[' * 100000, "is corrupt"),
+])
+def test_deeply_nested_json_is_a_named_error(tmp_path, doc, message):
+    out = tmp_path / "run"
+    run(out, max_steps=10)
+    (out / "checkpoint.json").write_text(doc)
+    with pytest.raises(ValueError, match=message):
+        run(out, max_steps=20, resume=True)
+
+
+@pytest.mark.parametrize("groups,message", [
+    ('5', "not an object with a list"),
+    ('[["x"]]', "unknown parameters"),
+    ('"0.1"', "not a number"),
+])
+def test_malformed_param_groups_are_named(tmp_path, groups, message):
+    out = tmp_path / "run"
+    run(out, max_steps=10)
+    state = out / "ckpt-00000010" / "state.json"
+    doc = json.loads(state.read_text())
+    if groups == '"0.1"':
+        doc["param_groups"][0]["lr"] = "0.1"
+    else:
+        doc["param_groups"][0]["params"] = json.loads(groups)
+    state.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=message):
+        run(out, max_steps=20, resume=True)
+
+
+def test_a_second_run_in_a_locked_directory_is_refused(tmp_path):
+    import fcntl
+
+    out = tmp_path / "run"
+    out.mkdir()
+    fd = os.open(out / T.LOCK_NAME, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(FileExistsError, match="another gptfn train is running"):
+            run(out, max_steps=10)
+    finally:
+        os.close(fd)
+    run(out, max_steps=10)

@@ -130,7 +130,7 @@ def _text(path: Path, what: str) -> str:
 def _json(path: Path) -> object:
     try:
         return json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise BadFile(f"is not JSON{_starts(path)}") from None
 
 

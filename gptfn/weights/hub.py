@@ -86,17 +86,31 @@ def resolve_files(path: PathLike) -> Tuple[list, Path]:
     else:
         raise FileNotFoundError(f"no such file or directory: {path}")
     if not config.is_file():
-        raise FileNotFoundError(
-            f"{config} not found: gptfn needs the model's config.json beside its weights"
-        )
+        config = _cut_save_config(files, config)
     return files, config
+
+
+def _cut_save_config(files: list, config: Path) -> Path:
+    """Where config.json is missing because a save was cut just before renaming it: the
+    whole config.json it left under its temporary name (its save id is the weights')."""
+    save_id = None
+    if len(files) == 1 and files[0].is_file():
+        save_id = read_header(files[0])[2].get(SAVE_ID)
+    cut = [t for t in sorted(config.parent.glob(f".{CONFIG_NAME}.*.tmp"))
+           if save_id is not None and _save_id(t) == save_id]
+    if not cut:
+        raise FileNotFoundError(
+            f"{config} not found: gptfn needs the model's config.json beside its weights")
+    warnings.warn(f"{config} is missing (a save was cut off before it wrote config.json): "
+                  f"using the config saved with {files[0].name}", stacklevel=4)
+    return cut[0]
 
 
 def _shards(index_path: Path) -> list:
     try:
         weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
         names = sorted(set(weight_map.values()))
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, RecursionError) as e:
         raise ValueError(f"{index_path}: not a valid safetensors index ({e})") from None
     for name in names:
         # a name read from a file may only point at a file beside it
@@ -122,7 +136,7 @@ def _config_of(config_path: Path, weights: list) -> GPTConfig:
         return config
     try:
         own = GPTConfig.from_dict(json.loads(saved))
-    except (json.JSONDecodeError, ValueError) as e:
+    except (json.JSONDecodeError, ValueError, RecursionError) as e:
         raise ValueError(f"{weights[0]}: the config saved in its metadata is invalid ({e})") from None
     warnings.warn(f"{config_path} is older than {weights[0].name} (a save was cut off before "
                   "it wrote config.json): using the config saved with the weights", stacklevel=3)
@@ -132,7 +146,7 @@ def _config_of(config_path: Path, weights: list) -> GPTConfig:
 def _save_id(config_path: Path) -> Optional[str]:
     try:
         doc = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return doc.get(SAVE_ID) if isinstance(doc, dict) else None
 

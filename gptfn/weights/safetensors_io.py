@@ -66,11 +66,14 @@ def read_header(path: PathLike) -> Tuple[int, Dict[str, dict], Dict[str, str]]:
         raw = fh.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise SafetensorsError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
     if not isinstance(header, dict):
         raise SafetensorsError(f"{path}: not a safetensors file (header is not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise SafetensorsError(f"{path}: __metadata__ must map strings to strings, got {metadata!r:.80}")
     data_start = 8 + n
     data_size = size - data_start
     spans = []
