@@ -94,7 +94,7 @@ def main(argv=None) -> int:
         GPTConfig.from_preset(args.model)
     except ValueError as exc:
         parser.error(f"--model: {exc}")
-    out = Path(args.out)
+    out = Path(args.out).expanduser()
     import torch
 
     from benchmarks.device import Target

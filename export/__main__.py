@@ -25,7 +25,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--max-seq-len", type=int, default=None,
-                        help="longest sequence the artifact serves (default: context_length)")
+                        help="longest sequence the artifact serves, at least 17 (default: "
+                             "context_length)")
     parser.add_argument("--seed", type=int, default=0, help="--random-init weights, test inputs")
     args = parser.parse_args(argv)
     try:
@@ -36,11 +37,14 @@ def main(argv=None) -> int:
         from gptfn.weights.resolve import load_model, parse_device, parse_dtype
 
         device, dtype = parse_device(args.device), parse_dtype(args.dtype)
-        out = Path(args.out)
+        out = Path(args.out).expanduser()
+        if args.max_seq_len is not None:  # refused before the model is even loaded
+            check_decode_length(args.max_seq_len)
         _status(f"loading {args.model}")
         model = load_model(args.model, args.random_init, args.seed, dtype, device)
         max_seq_len = args.max_seq_len or model.config.context_length
         check_request(model.config, out, max_seq_len, device, dtype)
+        check_decode_length(max_seq_len)  # verify needs it: say so before any build
         with torch.no_grad():
             report = build(args.kind, model, out, max_seq_len,
                            lambda kind, paths: verify(kind, paths, model, max_seq_len, args.seed),
@@ -57,6 +61,17 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("export: interrupted", file=sys.stderr)
         return 130
+
+
+def check_decode_length(max_seq_len: int) -> None:
+    """The verification decodes ``MIN_DECODE_STEPS`` steps after a prompt: a shorter
+    ``max_seq_len`` (or a model's context_length, its default) is refused up front, with the
+    message verification would give after the whole build."""
+    from export.verify import MIN_DECODE_STEPS
+
+    if max_seq_len < MIN_DECODE_STEPS + 1:
+        raise ValueError(f"max_seq_len must be at least {MIN_DECODE_STEPS + 1} to verify "
+                         f"{MIN_DECODE_STEPS} decode steps, got {max_seq_len}")
 
 
 def _status(message: str) -> None:

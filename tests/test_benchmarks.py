@@ -190,3 +190,22 @@ def test_an_unwritable_out_is_one_line_before_any_work(tmp_path, capsys, monkeyp
         assert len(lines) == 1 and lines[0].startswith(f"python -m benchmarks: error: --out {out}")
         assert reason in lines[0]
     assert a_file.read_text() == "{}"
+
+
+def test_out_with_a_tilde_is_the_home_directory(tmp_path, monkeypatch):
+    """``--out '~/bench'`` writes under HOME, not into a directory named ``~`` here."""
+    from benchmarks import tokenizer
+    from benchmarks.__main__ import main
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    home, here = tmp_path / "home", tmp_path / "here"
+    home.mkdir()
+    here.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(here)
+    monkeypatch.setattr(tokenizer, "bench_prepare", interrupt)
+    assert main(["prepare", "--out", "~/bench"]) == 130  # after the --out check made it
+    assert (home / "bench").is_dir()
+    assert not list(here.iterdir())

@@ -304,6 +304,26 @@ def test_tf_checkpoint_missing_variable_or_wrong_shape(hub_repo, tmp_path):
         load_tf_checkpoint(tmp_path / "b")
 
 
+@pytest.mark.parametrize("pointer", ["absolute", "relative"])
+def test_tf_checkpoint_pointer_to_outside_the_directory_is_not_followed(tmp_path, pointer):
+    """A ``checkpoint`` file naming a checkpoint outside the release directory (an absolute
+    path, or ``../``): the directory's own model.ckpt is read, nothing outside it."""
+    pytest.importorskip("tensorflow")
+    from gptfn.weights.openai_tf import load_tf_checkpoint
+    from tests.tf_checkpoint import write_openai_checkpoint
+
+    cfg = tiny_config(context_length=16, vocab_size=64)
+    mine, other = init_params(cfg, 0), init_params(cfg, 1)
+    write_openai_checkpoint(mine, cfg, tmp_path / "release")
+    write_openai_checkpoint(other, cfg, tmp_path / "elsewhere")
+    where = str(tmp_path / "elsewhere" / "model.ckpt") if pointer == "absolute" \
+        else "../elsewhere/model.ckpt"
+    (tmp_path / "release" / "checkpoint").write_text(
+        f'model_checkpoint_path: "{where}"\nall_model_checkpoint_paths: "{where}"\n')
+    _, loaded = load_tf_checkpoint(tmp_path / "release")
+    assert all(torch.equal(loaded[k], mine[k]) for k in mine)
+
+
 def test_without_tensorflow_the_error_says_what_to_install(openai_release, monkeypatch):
     from gptfn.weights.openai_tf import load_tf_checkpoint
 
@@ -654,3 +674,162 @@ def test_kill_9_mid_download_leaves_no_set_or_a_whole_one(tiny_hub, tmp_path, fa
     # at least one kill cut a transfer
     cut = [names for *_, names in landed if any(n.endswith(".part") for n in names)]
     assert cut, (first, end, landed)
+
+
+# ----------------------------------------------------- symbolic links planted in the cache
+
+def _victims(tmp_path):
+    """Files outside the cache that a planted link points at, and what they hold."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    before = {"notes.txt": b"DATA\n", "other.txt": b"X\n",
+              "config.json": b'{"not": "a gpt-2 config"}'}  # would fail the staged-file check
+    for name, data in before.items():
+        (victim / name).write_bytes(data)
+    return victim, before
+
+
+def _untouched(victim, before):
+    assert {p.name: p.read_bytes() for p in victim.iterdir()} == before
+
+
+def _no_links(cache):
+    target = gpt2_dir(cache)
+    assert not target.is_symlink()
+    assert not [p for p in target.iterdir() if p.is_symlink()]
+
+
+def test_links_to_outside_in_the_staging_directory_are_removed_not_followed(tiny_hub, tmp_path):
+    """The finding's repro, through the CLI: .part files that are links to files outside the
+    cache. The links are removed (their targets untouched) and the set is downloaded whole."""
+    _, params, files = tiny_hub
+    cache = tmp_path / "c"
+    victim, before = _victims(tmp_path)
+    staging = gpt2_dir(cache).with_name(".gpt2.partial")
+    staging.mkdir(parents=True)
+    (staging / "config.json.part").symlink_to(victim / "notes.txt")
+    (staging / "model.safetensors.part").symlink_to(victim / "other.txt")
+    (staging / "config.json").symlink_to(victim / "config.json")  # a staged file, a link
+    env = {k: v for k, v in os.environ.items() if k not in ("GPTFN_OFFLINE", "HF_HUB_OFFLINE")}
+    with FileServer(files) as server:
+        r = subprocess.run(_download_argv(server.url, cache), capture_output=True, text=True,
+                           env=env)
+    assert r.returncode == 0, r.stderr
+    _untouched(victim, before)
+    assert_whole(cache, files, params)
+    _no_links(cache)
+
+
+@pytest.mark.parametrize("staged", [None, "config.json", "config.json.part"])
+def test_a_staging_directory_that_is_a_link_is_replaced_by_a_real_one(tiny_hub, tmp_path, fast,
+                                                                      staged):
+    """``.gpt2.partial`` a link to a directory outside: the link is removed (nothing there is
+    deleted or written) and gpt2 is published as a real directory."""
+    _, params, files = tiny_hub
+    cache = tmp_path / "c"
+    victim, before = _victims(tmp_path)
+    if staged == "config.json.part":
+        (victim / staged).write_bytes(b"{")  # a 'partial' file there: neither resumed nor cut
+        before[staged] = b"{"
+    gpt2_dir(cache).parent.mkdir(parents=True)
+    staging = gpt2_dir(cache).with_name(".gpt2.partial")
+    staging.symlink_to(victim, target_is_directory=True)
+    with FileServer(files) as server:
+        download("gpt2", base_url=server.url, cache_dir=cache, **fast)
+        assert [r[1] for r in server.requests] == [None, None]  # nothing resumed from outside
+    _untouched(victim, before)
+    assert_whole(cache, files, params)
+    _no_links(cache)
+    assert not staging.exists() and not staging.is_symlink()
+
+
+def test_a_staging_path_that_is_a_dangling_link_or_a_file(tiny_hub, tmp_path, fast):
+    _, params, files = tiny_hub
+    outside = tmp_path / "not-there"
+    for i, plant in enumerate(["dangling", "file"]):
+        cache = tmp_path / f"c{i}"
+        staging = gpt2_dir(cache).with_name(".gpt2.partial")
+        staging.parent.mkdir(parents=True)
+        if plant == "dangling":
+            staging.symlink_to(outside, target_is_directory=True)
+        else:
+            staging.write_bytes(b"junk")
+        with FileServer(files) as server:
+            download("gpt2", base_url=server.url, cache_dir=cache, **fast)
+        assert not outside.exists() and not outside.is_symlink()
+        assert_whole(cache, files, params)
+        _no_links(cache)
+
+
+@pytest.mark.parametrize("points_at", ["missing", "existing"])
+def test_a_lock_file_that_is_a_link_is_not_followed(tiny_hub, tmp_path, fast, points_at):
+    _, params, files = tiny_hub
+    cache = tmp_path / "c"
+    victim, before = _victims(tmp_path)
+    aim = victim / ("created-by-gptfn" if points_at == "missing" else "notes.txt")
+    lock = gpt2_dir(cache).with_name(".gpt2.lock")
+    lock.parent.mkdir(parents=True)
+    lock.symlink_to(aim)
+    with FileServer(files) as server:
+        download("gpt2", base_url=server.url, cache_dir=cache, **fast)
+    _untouched(victim, before)
+    assert not lock.is_symlink() and lock.is_file()
+    assert_whole(cache, files, params)
+
+
+def test_hard_linked_part_file_is_not_written_into(tiny_hub, tmp_path, fast):
+    """A ``.part`` with another name outside (a hard link) is removed, not appended to."""
+    _, params, files = tiny_hub
+    cache = tmp_path / "c"
+    victim, before = _victims(tmp_path)
+    staging = gpt2_dir(cache).with_name(".gpt2.partial")
+    staging.mkdir(parents=True)
+    os.link(victim / "other.txt", staging / "model.safetensors.part")
+    with FileServer(files) as server:
+        download("gpt2", base_url=server.url, cache_dir=cache, **fast)
+    _untouched(victim, before)
+    assert_whole(cache, files, params)
+
+
+def test_links_between_the_cache_and_the_model_are_refused(tiny_hub, tmp_path, fast):
+    """A directory between the cache and the model's directory that is a link leads
+    outside: an error, and nothing written there; so is a model directory that is a link."""
+    _, params, files = tiny_hub
+    victim, before = _victims(tmp_path)
+    cache = tmp_path / "c"
+    (cache / "hf").mkdir(parents=True)
+    (cache / "hf" / "openai-community").symlink_to(victim, target_is_directory=True)
+    with FileServer(files) as server:
+        with pytest.raises(DownloadError, match="is a symbolic link: gptfn does not download"):
+            download("gpt2", base_url=server.url, cache_dir=cache, **fast)
+        assert not server.requests
+    _untouched(victim, before)
+    (cache / "hf" / "openai-community").unlink()
+    gpt2_dir(cache).parent.mkdir()
+    gpt2_dir(cache).symlink_to(victim, target_is_directory=True)
+    with FileServer(files) as server:
+        with pytest.raises(DownloadError, match="is a symbolic link to an incomplete model"):
+            download("gpt2", base_url=server.url, cache_dir=cache, **fast)
+    _untouched(victim, before)
+
+
+def test_publish_never_renames_a_link_into_place(tmp_path):
+    """A link that appears in (or as) the staging directory after it was cleaned (another
+    process, mid-download) is never published."""
+    from gptfn.weights.download import _publish
+
+    victim, before = _victims(tmp_path)
+    staging, target = tmp_path / ".gpt2.partial", tmp_path / "gpt2"
+    staging.mkdir()
+    (staging / "config.json").write_bytes(b"{}")
+    (staging / "model.safetensors").symlink_to(victim / "other.txt")
+    with pytest.raises(DownloadError, match="model.safetensors, not"):
+        _publish(staging, target)
+    assert not target.exists() and not target.is_symlink()
+    (staging / "model.safetensors").unlink()
+    os.rename(staging, tmp_path / "real")
+    staging.symlink_to(victim, target_is_directory=True)
+    with pytest.raises(DownloadError, match="was replaced"):
+        _publish(staging, target)
+    assert not target.exists() and not target.is_symlink()
+    _untouched(victim, before)

@@ -298,3 +298,57 @@ def test_cpp_example_generates_the_same_tokens(tiny_dir, tmp_path):
     r = subprocess.run([str(binary), str(tmp_path / "missing.pt"), "3", "1"], capture_output=True,
                        text=True)
     assert r.returncode == 1 and "cannot load" in r.stderr
+
+
+def _no_work(*args, **kwargs):
+    raise AssertionError("work began")
+
+
+def test_too_short_for_verification_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """A model whose context_length (or a --max-seq-len) leaves no room for the 16 decode
+    steps that verification runs: the one-line error verification would give, before the
+    build (and, for --max-seq-len, before the model is loaded)."""
+    import export.build
+    import gptfn.weights.resolve
+    from export.__main__ import main
+    from gptfn import init_params
+
+    cfg = tiny_config(context_length=16)
+    short = tmp_path / "short"
+    GPTModel(cfg, params=init_params(cfg, 0)).save_pretrained(short)
+    monkeypatch.setattr(export.build, "build", _no_work)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert main(["torchscript", "--model", str(short), "--out", str(out / "m.pt")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1] == ("export: error: max_seq_len must be at least 17 to verify 16 decode "
+                         "steps, got 16")
+    monkeypatch.setattr(gptfn.weights.resolve, "load_model", _no_work)
+    assert main(["torchscript", "--random-init", "--out", str(out / "m.pt"),
+                 "--max-seq-len", "16"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["export: error: max_seq_len must be at least 17 to verify 16 decode "
+                     "steps, got 16"]
+    assert not list(out.iterdir())
+
+
+def test_out_with_a_tilde_is_the_home_directory(tiny_dir, tmp_path, capsys, monkeypatch):
+    """``--out '~/m.pt'`` (a quoted tilde the shell did not expand) means the home directory:
+    the request check sees HOME's directory (and goes on to the next problem, here the
+    dtype), not a directory named ``~``."""
+    import export.build
+    from export.__main__ import main
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(export.build, "build", _no_work)
+    assert main(["torchscript", "--model", str(tiny_dir), "--out", "~/m32.pt",
+                 "--dtype", "float16"]) == 2
+    err = capsys.readouterr().err
+    assert "float16 on the CPU is not supported" in err, err
+    assert main(["torchscript", "--model", str(tiny_dir), "--out", "~"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == f"export: error: --out {home} is a directory: give the artifact's file path"
+    assert not list(home.iterdir()) and not (tmp_path / "~").exists()

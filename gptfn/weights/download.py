@@ -11,7 +11,11 @@ Sources:
   ``GPTFN_OPENAI_BASE_URL``, or ``base_url``. Cached in ``CACHE/openai/models/{size}/``.
 
 ``CACHE`` is ``cache_dir``, else ``$GPTFN_CACHE_DIR``, else ``$XDG_CACHE_HOME/gptfn``, else
-``~/.cache/gptfn``. Nothing outside it is written or deleted.
+``~/.cache/gptfn``. Nothing outside it is written, truncated or deleted: no symbolic link
+below it is followed for writing (a link where a ``.part``, staged or lock file or the staging
+directory belongs is removed, never its target; a directory between ``CACHE`` and the model's
+directory, or the model's directory itself, that is a link is an error), and no link is ever
+published as (or in) a model's directory.
 
 A model's files are one unit. The model's directory (``CACHE/hf/openai-community/gpt2``, say)
 exists only holding a complete set: the files are downloaded into a staging directory beside
@@ -48,6 +52,7 @@ import hashlib
 import os
 import re
 import shutil
+import stat
 import sys
 import time
 import warnings
@@ -104,7 +109,7 @@ def plan(
 ) -> Tuple[Path, List[Tuple[str, str]]]:
     """(target directory, [(file name, url)]) for a model and source."""
     key = canonical_name(name)
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    cache = _cache_root(cache_dir)
     if source == "hf":
         base = (base_url or os.environ.get("HF_ENDPOINT") or HF_BASE).rstrip("/")
         repo = HF_REPOS[key]
@@ -115,6 +120,10 @@ def plan(
         return (cache / "openai" / "models" / size,
                 [(f, f"{base}/models/{size}/{f}") for f in OPENAI_FILES])
     raise ValueError(f"unknown source {source!r}: use 'hf' or 'openai'")
+
+
+def _cache_root(cache_dir) -> Path:
+    return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
 
 
 def offline() -> Optional[str]:
@@ -170,15 +179,19 @@ def download(
                             " gptfn does not download through it; remove it, or fill it yourself")
     import requests
 
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _make_parents(_cache_root(cache_dir), target.parent)
     staging = target.with_name(f".{target.name}.partial")
     with _lock(target.with_name(f".{target.name}.lock"), progress):
         problem = _set_problem(target, names)  # another process may have made it meanwhile
         if problem is None:
             return target
+        if target.is_symlink():
+            raise DownloadError(f"{target} is a symbolic link to an incomplete model "
+                                f"({problem[1]}): gptfn does not download through it; remove "
+                                "it, or fill it yourself")
         if target.exists():
             warnings.warn(f"{problem[1]}: downloading {name} again", stacklevel=2)
-        staging.mkdir(exist_ok=True)
+        _make_staging(staging)
         for f in names:  # a staged file that no longer passes is fetched again
             if (staging / f).is_file() and _file_problem(staging / f):
                 (staging / f).unlink()
@@ -228,12 +241,91 @@ def _set_problem(directory: Path, names: Sequence[str]) -> Optional[Tuple[List[s
     return None
 
 
+def _is_link(path: Path) -> bool:
+    return os.path.islink(path)
+
+
+def _lstat(path: Path) -> Optional[os.stat_result]:
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+
+
+def _make_parents(cache: Path, parent: Path) -> None:
+    """Make ``parent`` (a directory below ``cache``) and the directories between, refusing to
+    go through a symbolic link below ``cache`` (``cache`` itself may be one)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    here = cache
+    for part in parent.relative_to(cache).parts:
+        here = here / part
+        st = _lstat(here)
+        if st is None:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(here)
+            st = os.lstat(here)
+        if stat.S_ISLNK(st.st_mode):
+            raise DownloadError(f"{here} is a symbolic link: gptfn does not download through it "
+                                f"(nothing outside {cache} is written); remove it")
+        if not stat.S_ISDIR(st.st_mode):
+            raise DownloadError(f"{here} is not a directory: remove it")
+
+
+def _remove_entry(path: Path) -> None:
+    """Remove ``path`` itself: a link (never its target), a file, or a real directory."""
+    st = _lstat(path)
+    if st is None:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path)  # a real directory: rmtree removes the links in it, not targets
+    else:
+        os.unlink(path)
+
+
+def _unsafe(st: Optional[os.stat_result]) -> bool:
+    """A file gptfn must not write into or publish: not a regular file (a symbolic link, a
+    directory, a fifo ...) or one with another name elsewhere (a hard link)."""
+    return st is not None and (not stat.S_ISREG(st.st_mode) or st.st_nlink != 1)
+
+
+def _make_staging(staging: Path) -> None:
+    """A real staging directory holding only regular files: a link (or anything not a
+    directory) in its place is removed (the link, not its target), and so is any link, hard
+    link or other non-file in it."""
+    st = _lstat(staging)
+    if st is not None and not stat.S_ISDIR(st.st_mode):
+        os.unlink(staging)
+        st = None
+    if st is None:
+        os.mkdir(staging)
+    _clean_staging(staging)
+
+
+def _clean_staging(staging: Path) -> None:
+    with os.scandir(staging) as entries:
+        found = [Path(e.path) for e in entries]
+    for path in found:
+        if _unsafe(_lstat(path)):
+            _remove_entry(path)
+
+
 def _publish(staging: Path, target: Path) -> None:
     """Rename the complete staging directory to ``target``, replacing what was there."""
+    st = _lstat(staging)
+    if st is None or not stat.S_ISDIR(st.st_mode):
+        raise DownloadError(f"{staging} was replaced while gptfn downloaded into it; run again")
+    with os.scandir(staging) as entries:
+        bad = [e.name for e in entries if _unsafe(_lstat(Path(e.path)))]
+    if bad:
+        raise DownloadError(f"{staging} holds {', '.join(sorted(bad))}, not (only) regular files "
+                            "gptfn wrote: they were not published; run again")
     fsync_dir(staging)
-    if target.is_dir():
+    st = _lstat(target)
+    if st is not None and stat.S_ISLNK(st.st_mode):
+        raise DownloadError(f"{target} is a symbolic link: gptfn does not replace it; remove it")
+    if st is not None and stat.S_ISDIR(st.st_mode):
         shutil.rmtree(target)  # an incomplete or invalid set: never a valid one
-    elif target.exists():
+    elif st is not None:
         target.unlink()
     os.rename(staging, target)
     fsync_dir(target.parent)
@@ -247,7 +339,7 @@ def _lock(path: Path, progress: bool) -> Iterator[None]:
     except ImportError:  # not POSIX: no lock
         yield
         return
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    fd = _open_lock(path)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -261,6 +353,25 @@ def _lock(path: Path, progress: bool) -> Iterator[None]:
         os.close(fd)  # releases the lock (and a kill -9 releases it too)
 
 
+def _open_lock(path: Path) -> int:
+    """The lock file's descriptor, created if need be; a link in its place is removed (the
+    link, not its target) and never followed."""
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
+        except OSError as e:
+            if _is_link(path):  # ELOOP (or EMLINK on some systems): a link planted there
+                os.unlink(path)
+                continue
+            raise DownloadError(f"cannot open the lock file {path}: {e.strerror or e}") from None
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            return fd
+        os.close(fd)
+        raise DownloadError(f"the lock file {path} is not a regular file: remove it")
+    raise DownloadError(f"{path} keeps being replaced by a symbolic link: gptfn does not "
+                        "follow it")
+
+
 def fetch(url: str, dest: Path, session, retries: int = 4, backoff: float = 1.0,
           timeout: float = 30.0, progress: bool = True) -> Path:
     """Download ``url`` to ``dest`` through ``dest.part``: renamed to ``dest`` only when whole
@@ -268,6 +379,8 @@ def fetch(url: str, dest: Path, session, retries: int = 4, backoff: float = 1.0,
     import requests
 
     part = dest.with_name(dest.name + ".part")
+    if _unsafe(_lstat(part)):  # a link (or hard link) planted there: removed, never followed
+        _remove_entry(part)
     last: Optional[str] = None
     for attempt in range(retries + 1):
         if attempt:
@@ -285,8 +398,9 @@ def fetch(url: str, dest: Path, session, retries: int = 4, backoff: float = 1.0,
             continue
         break
     else:
-        kept = f"; the {part.stat().st_size} bytes received are kept in {part} and a retry " \
-               f"resumes from there" if part.exists() and part.stat().st_size else ""
+        st = _lstat(part)
+        kept = f"; the {st.st_size} bytes received are kept in {part} and a retry " \
+               f"resumes from there" if st is not None and st.st_size else ""
         raise DownloadError(f"could not download {url} after {retries + 1} attempts: {last}{kept}")
     problem = None
     if expected is not None:
@@ -311,7 +425,11 @@ def _transfer(url: str, part: Path, session, timeout: float, progress: bool,
     """One request for the rest of ``part``; returns the hash the server states, if any."""
     import requests
 
-    offset = part.stat().st_size if part.exists() else 0
+    st = _lstat(part)
+    if _unsafe(st):
+        _remove_entry(part)
+        st = None
+    offset = st.st_size if st is not None else 0
     headers = {"Range": f"bytes={offset}-"} if offset else {}
     with session.get(url, headers=headers, stream=True, timeout=timeout) as r:
         if r.status_code == 416 and offset:  # nothing after offset: the .part is suspect
@@ -330,22 +448,47 @@ def _transfer(url: str, part: Path, session, timeout: float, progress: bool,
         total = offset + int(length) if length is not None else None
         bar = byte_bar(total, progress, label, initial=offset)
         try:
-            with open(part, "ab" if offset else "wb") as fh:
+            with _open_part(part, append=bool(offset)) as fh:
                 for chunk in r.iter_content(CHUNK):
                     fh.write(chunk)
                     bar.update(len(chunk))
                 fh.flush()
                 os.fsync(fh.fileno())
-        except requests.RequestException:
+        except (requests.RequestException, DownloadError):
             raise
         except OSError as e:  # the disk, not the network
             raise DownloadError(f"cannot write {part}: {e.strerror or e}") from None
         finally:
             bar.close()
-        size = part.stat().st_size
+        size = os.lstat(part).st_size
         if total is not None and size != total:
             raise _Retry(f"got {size} of {total} bytes (Content-Length) from {url}")
         return _expected_hash(r)
+
+
+def _open_part(part: Path, append: bool):
+    """``part`` opened for writing (appending or from byte 0), never through a link: O_NOFOLLOW
+    refuses a link before anything is created or truncated."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_APPEND if append else 0)
+    try:
+        fd = os.open(part, flags, 0o666)
+    except OSError as e:
+        if _is_link(part):
+            raise DownloadError(f"{part} is a symbolic link: gptfn does not write through it "
+                                "(it is removed on the next run)") from None
+        raise
+    st = os.fstat(fd)
+    if _unsafe(st):
+        os.close(fd)
+        raise DownloadError(f"{part} is not a regular file of its own: gptfn does not write "
+                            "into it (it is removed on the next run)")
+    if not append:
+        try:
+            os.ftruncate(fd, 0)  # only once it is known to be a file of its own
+        except OSError:
+            os.close(fd)
+            raise
+    return os.fdopen(fd, "ab" if append else "wb")
 
 
 def _check_content_range(value: Optional[str], offset: int, url: str) -> None:
@@ -376,7 +519,7 @@ def _expected_hash(r) -> Optional[Tuple[str, str]]:
 
 def _file_hash(path: Path, algo: str) -> str:
     h = hashlib.new(algo)
-    with open(path, "rb") as fh:
+    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb") as fh:
         for block in iter(lambda: fh.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()

@@ -2,7 +2,9 @@
 
 A release directory holds ``hparams.json`` (``n_vocab``, ``n_ctx``, ``n_embd``, ``n_head``,
 ``n_layer``) and a TF checkpoint (``checkpoint``, ``model.ckpt.index``,
-``model.ckpt.data-*``, ``model.ckpt.meta``). Variable names map onto canonical keys as
+``model.ckpt.data-*``, ``model.ckpt.meta``). The checkpoint read is always ``model.ckpt`` in
+that directory: the ``checkpoint`` pointer file is ignored, so that one naming a path elsewhere
+(absolute, or ``../``) makes nothing outside the directory read. Variable names map onto canonical keys as
 
     model/wte                      -> wte.weight                  [V, C]
     model/wpe                      -> wpe.weight                  [T_max, C]
@@ -68,7 +70,9 @@ def load_tf_checkpoint(path: Union[str, os.PathLike]) -> Tuple[GPTConfig, Dict[s
             "reading OpenAI TF checkpoints needs TensorFlow: pip install 'gptfn[tf]'"
         ) from None
     config = GPTConfig.from_json(path / "hparams.json")
-    prefix = tf.train.latest_checkpoint(str(path)) or str(path / "model.ckpt")
+    # the checkpoint in the directory itself (the files is_tf_checkpoint_dir checked): TF's
+    # ``checkpoint`` pointer file is not read, as it may name any path (absolute, ``../``)
+    prefix = str(path / "model.ckpt")
     try:
         reader = tf.train.load_checkpoint(prefix)
     except Exception as e:  # TF raises its own error types for unreadable checkpoints
