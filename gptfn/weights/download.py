@@ -472,7 +472,7 @@ def _open_part(part: Path, append: bool):
     flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_APPEND if append else 0)
     try:
         fd = os.open(part, flags, 0o666)
-    except OSError as e:
+    except OSError:
         if _is_link(part):
             raise DownloadError(f"{part} is a symbolic link: gptfn does not write through it "
                                 "(it is removed on the next run)") from None
