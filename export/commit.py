@@ -23,15 +23,13 @@ The temporary files a killed export leaves are removed by the next export of the
 
 from __future__ import annotations
 
-import errno
 import json
 import os
-import re
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 from gptfn import fileio
-from gptfn.fileio import sha256_file
+from gptfn.fileio import fsync_dir, fsync_file, sha256_file
 
 REPORT_SUFFIX = ".report.json"
 
@@ -51,50 +49,9 @@ def temp_path(final: Path, suffix: str = "") -> Path:
     return fileio.temp_path(final, ".tmp" + suffix)
 
 
-def _temp_pattern(final: Path) -> "re.Pattern[str]":
-    # mkstemp's 8 characters, then .tmp and at most an artifact suffix such as .pt2
-    return re.compile(rf"\.{re.escape(final.name)}\.[a-z0-9_]{{8}}\.tmp(\.[A-Za-z0-9]+)?")
-
-
 def remove_stale_temps(finals: Iterable[Path]) -> List[Path]:
-    """Delete the temporary files that killed exports of ``finals`` left beside them (regular
-    files named as ``temp_path`` names them; nothing else). Returns what was removed."""
-    removed = []
-    for final in finals:
-        pattern = _temp_pattern(final)
-        with os.scandir(final.parent) as entries:
-            for entry in entries:
-                if pattern.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
-                    try:
-                        Path(entry.path).unlink(missing_ok=True)
-                    except OSError:
-                        continue  # litter, not harm: the export goes on
-                    removed.append(Path(entry.path))
-    return removed
-
-
-def _fsync_file(path: Path) -> None:
-    try:
-        with open(path, "rb+") as fh:
-            os.fsync(fh.fileno())
-    except OSError as e:
-        raise OSError(e.errno, e.strerror, str(path)) from None  # the message names the file
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the unlinks and renames in ``directory`` durable (skipped where a file system
-    cannot fsync a directory)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError as e:
-        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
-            raise OSError(e.errno, e.strerror, str(directory)) from None
-    finally:
-        os.close(fd)
+    """Delete the temporary files that killed exports of ``finals`` left beside them."""
+    return [p for final in finals for p in fileio.remove_stale_temps(final)]
 
 
 def _link_backup(final: Path) -> Optional[Path]:
@@ -116,7 +73,7 @@ def commit(pairs: Sequence[Tuple[Path, Path]], report: dict, report_final: Path)
     module docstring for the order. An exception before the report is renamed puts the
     previous files back, their report included. Returns the report as written."""
     for tmp, _ in pairs:
-        _fsync_file(tmp)
+        fsync_file(tmp)
     report = dict(report)
     report["artifacts"] = [{"file": final.name, "size_bytes": tmp.stat().st_size,
                             "sha256": sha256_file(tmp)} for tmp, final in pairs]
@@ -129,7 +86,7 @@ def commit(pairs: Sequence[Tuple[Path, Path]], report: dict, report_final: Path)
         report_tmp = temp_path(report_final)
         scratch.append(report_tmp)
         report_tmp.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
-        _fsync_file(report_tmp)
+        fsync_file(report_tmp)
         for _, final in pairs:
             if os.path.lexists(final):
                 previous[final] = _link_backup(final)
@@ -139,7 +96,7 @@ def commit(pairs: Sequence[Tuple[Path, Path]], report: dict, report_final: Path)
             scratch.append(moved)
             os.replace(report_final, moved)  # no old report beside a new artifact
             old_report = moved
-            _fsync_dir(directory)
+            fsync_dir(directory)
         for tmp, final in pairs:
             os.replace(tmp, final)
             renamed.append(final)
@@ -153,7 +110,7 @@ def commit(pairs: Sequence[Tuple[Path, Path]], report: dict, report_final: Path)
                 path.unlink(missing_ok=True)
             except OSError:
                 pass  # a temporary name: the next export of this name removes it
-    _fsync_dir(directory)
+    fsync_dir(directory)
     return report
 
 

@@ -1,8 +1,9 @@
 """Atomic file writes: write to a temporary file beside the target, then rename it over.
 
 A crash or an exception mid-write leaves the previous file (or no file) under the final
-name, never a half-written one. Temporary names start with ``.NAME.`` and end in ``.tmp``, so
-a later save of the same file can recognise (and remove) what a killed one left.
+name, never a half-written one. Temporary names are ``.NAME.XXXXXXXX.tmp`` (an artifact may
+add its own suffix), so a later save of the same file can recognise (and remove) what a
+killed one left, and nothing else.
 
 Files get the mode the umask gives (``0o666 & ~umask``), as ``open()`` would give them, not
 ``mkstemp``'s private 0600: a saved model can be shared like any other file.
@@ -11,8 +12,10 @@ Files get the mode the umask gives (``0o666 & ~umask``), as ``open()`` would giv
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator, List, Sequence, Tuple, Union
@@ -27,16 +30,27 @@ def umask_mode(base: int = 0o666) -> int:
     return base & ~mask
 
 
-def fsync_dir(directory: PathLike) -> None:
-    """Make the renames in ``directory`` durable (a no-op where directories cannot be opened)."""
+def fsync_file(path: PathLike) -> None:
+    """Flush a written file to the disk; an error names the file."""
     try:
-        fd = os.open(directory, os.O_RDONLY)
+        with open(path, "rb+") as fh:
+            os.fsync(fh.fileno())
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
+
+
+def fsync_dir(directory: PathLike) -> None:
+    """Make the unlinks and renames in ``directory`` durable (skipped where a file system
+    cannot open or fsync a directory); any other error names the directory."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except OSError:
         return
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise OSError(e.errno, e.strerror, str(directory)) from None
     finally:
         os.close(fd)
 
@@ -54,16 +68,26 @@ def temp_path(path: PathLike, suffix: str = ".tmp") -> Path:
     return Path(tmp_name)
 
 
-def remove_stale_temps(path: PathLike) -> None:
-    """Delete the temporary files that killed writes of ``path`` left beside it."""
+def _temp_name(path: Path) -> "re.Pattern[str]":
+    # temp_path's names: mkstemp's 8 characters, .tmp, at most one suffix of the file's own
+    return re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp(\.[A-Za-z0-9]+)?")
+
+
+def remove_stale_temps(path: PathLike) -> List[Path]:
+    """Delete the temporary files that killed writes of ``path`` left beside it: regular
+    files (never links) in its directory named as ``temp_path`` names them. Returns them."""
     path = Path(path)
-    for stale in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
-        if stale.is_file() and not stale.is_symlink():
-            stale.unlink(missing_ok=True)
-
-
-def glob_escape(name: str) -> str:
-    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+    pattern = _temp_name(path)
+    removed = []
+    with os.scandir(path.parent) as entries:
+        for entry in entries:
+            if pattern.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                try:
+                    os.unlink(entry.path)
+                except OSError:
+                    continue  # litter, not harm: the write goes on
+                removed.append(Path(entry.path))
+    return removed
 
 
 @contextlib.contextmanager
@@ -75,8 +99,7 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     tmp = temp_path(path)
     try:
         yield tmp
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
+        fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -104,8 +127,7 @@ def write_together(files: Sequence[Tuple[PathLike, Callable[[Path], None]]]) -> 
             tmp = temp_path(path)
             temps.append((tmp, path))
             write(tmp)
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
+            fsync_file(tmp)
         for tmp, path in temps:
             os.replace(tmp, path)
             renamed += 1

@@ -38,6 +38,16 @@ class Call:
     when: int  # 1-based count of this syscall in its thread: strace's ``when=``
     text: str  # the traced line, for messages
 
+    @property
+    def changes_files(self) -> bool:
+        """Whether the call (as the dry run made it) changed the file system: not one that
+        failed there already, not an open for reading."""
+        if "= -1" in self.text:
+            return False
+        if self.syscall == "openat":
+            return any(flag in self.text for flag in ("O_CREAT", "O_WRONLY", "O_RDWR"))
+        return True
+
 
 def strace() -> Optional[str]:
     return shutil.which("strace")

@@ -26,7 +26,7 @@ from gptfn.fileio import umask_mode
 from gptfn.weights.download import OPENAI_FILES, DownloadError, download, is_cached, plan
 from gptfn.weights.hub import canonicalize
 from gptfn.weights.safetensors_io import save_safetensors
-from tests.faults import (Call, file_calls, python_argv, require_strace, run_and_kill,
+from tests.faults import (file_calls, python_argv, require_strace, run_and_kill,
                           run_with_fault, spread)
 from tests.fileserver import FileServer
 from tests.helpers import hf_logits, hf_model, random_idx, randomize_ln_and_biases, tiny_config
@@ -599,14 +599,6 @@ def rerun(url, cache, fast):
     assert all("downloading gpt2 again" in str(w.message) for w in seen), seen
 
 
-def _changes_files(call: Call) -> bool:
-    if "= -1" in call.text:
-        return False  # failed in the dry run too (mkdir of a parent not there yet)
-    if call.syscall == "openat":
-        return any(flag in call.text for flag in ("O_CREAT", "O_WRONLY", "O_RDWR"))
-    return True
-
-
 def test_full_disk_at_each_file_call_leaves_no_set_or_a_whole_one(tiny_hub, tmp_path, fast):
     """ENOSPC at each write, rename and unlink of ``gptfn download`` (and at a spread of its
     other calls that change a file: mkdir, open for writing, fsync), over the directory an
@@ -618,7 +610,7 @@ def test_full_disk_at_each_file_call_leaves_no_set_or_a_whole_one(tiny_hub, tmp_
     with FileServer(files) as server:
         calls = [c for c in file_calls(_download_argv(server.url, tmp_path / "dry"),
                                        tmp_path / "dry", env=FAULT_ENV, syscalls=SYSCALLS)
-                 if _changes_files(c)]
+                 if c.changes_files]
         each = [c for c in calls if c.syscall in EACH]
         chosen = calls if ALL_FAULTS else each + spread([c for c in calls if c not in each], 2)
         assert {c.syscall for c in each} >= {"write", "rename", "unlinkat", "rmdir"}

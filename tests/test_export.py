@@ -237,9 +237,9 @@ def test_a_report_is_read_only_where_it_describes_the_files_beside_it(tmp_path):
     ("replace", 0, "previous"),    # the previous report moved aside
     ("replace", 1, "previous"),    # the artifact renamed into place: rolled back
     ("replace", 2, "previous"),    # the report renamed into place: rolled back
-    ("_fsync_file", 1, "previous"),  # the new report's fsync
-    ("_fsync_dir", 0, "previous"),   # the previous report's move made durable
-    ("_fsync_dir", 1, "new"),        # after the commit: the new pair stands, the error is told
+    ("fsync_file", 1, "previous"),  # the new report's fsync
+    ("fsync_dir", 0, "previous"),   # the previous report's move made durable
+    ("fsync_dir", 1, "new"),        # after the commit: the new pair stands, the error is told
     ("link", 0, "new"),              # no backup link: the commit goes on without one
 ])
 def test_a_failed_commit_keeps_the_previous_pair(tmp_path, monkeypatch, step, nth, expect):
@@ -271,7 +271,7 @@ def test_a_failed_commit_keeps_the_previous_pair(tmp_path, monkeypatch, step, nt
     if expect == "previous":
         assert failed and files == previous
     else:
-        assert failed == (step == "_fsync_dir") and set(files) == set(previous)
+        assert failed == (step == "fsync_dir") and set(files) == set(previous)
         assert files["a.pt"] == b"new artifact"
         assert read_report(tmp_path / "a.pt.report.json")["kind"] == "new"
 

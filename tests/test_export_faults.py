@@ -74,14 +74,6 @@ def _copy(base: Path, to: Path) -> Path:
     return to
 
 
-def _changes_files(call: Call) -> bool:
-    if "= -1" in call.text:
-        return False  # failed in the dry run too (an unlink of a name already gone)
-    if call.syscall == "openat":
-        return any(flag in call.text for flag in ("O_CREAT", "O_WRONLY", "O_RDWR"))
-    return True
-
-
 def _state(d: Path, base: Path) -> str:
     """What ``d`` holds: "old" (the previous pair, as it was), "new" (the new pair, its
     report describing the artifact beside it), "unreported" (a whole artifact, no report).
@@ -139,7 +131,7 @@ def _parallel(jobs):
 
 def test_a_full_disk_at_any_call_keeps_a_whole_pair(setup):
     root, base, calls, _ = setup
-    changing = [c for c in calls if _changes_files(c)]
+    changing = [c for c in calls if c.changes_files]
     commit = [c for c in changing if c.syscall in ("rename", "link")]
     chosen = changing if EVERY else commit + spread([c for c in changing if c not in commit], 3)
     assert len(commit) >= 3  # the previous report moved, the artifact and report renamed
@@ -173,7 +165,7 @@ def test_a_full_disk_at_any_call_keeps_a_whole_pair(setup):
 
 def test_kill_9_keeps_a_whole_pair_and_the_next_export_cleans_up(setup):
     root, base, calls, seconds = setup
-    commit = [c for c in calls if c.syscall in ("rename", "link") and _changes_files(c)]
+    commit = [c for c in calls if c.syscall in ("rename", "link") and c.changes_files]
     at = commit if EVERY else commit[-1:]  # the report's rename: the artifact is in place
     rng = random.Random(os.environ.get("GPTFN_FAULT_SEED", time.time_ns()))
     delays = sorted(round(rng.uniform(0.4, 0.9) * seconds, 2) for _ in range(2))
@@ -196,7 +188,7 @@ def test_the_dry_run_saw_the_commit(setup):
     """The calls failed above are the export's own commit: the previous report moved to a
     temporary name, then the artifact renamed into place, then its report, last."""
     _, _, calls, _ = setup
-    renames = [c.text for c in calls if c.syscall == "rename" and _changes_files(c)]
+    renames = [c.text for c in calls if c.syscall == "rename" and c.changes_files]
     assert len(renames) == 3, renames
     assert f'/{REPORT}", ' in renames[0]
     assert renames[1].rstrip().endswith(f'/{NAME}") = 0'), renames[1]
