@@ -1,8 +1,10 @@
 # Two commands on a fresh machine:
 #   make run    the main job: GPT-2 124M end to end (build, count, forward, script, compile, timings)
 #   make test   the whole test suite
-# Both create (or reuse) the virtual environment .venv and install gptfn with its test and
-# tf extras (tensorflow reads OpenAI's checkpoints in the tests). When the
+# Both create (or reuse) the virtual environment .venv and install gptfn with its test, tf
+# (tensorflow reads OpenAI's checkpoints in the tests), plot and interop extras (gguf, onnx,
+# onnxruntime and llama-cpp-python, which builds llama.cpp from source: about 6-9 minutes on
+# 2 cores, once; the GGUF and ONNX tests run the exported files in those engines). When the
 # environment has no torch, torch is installed first as the CPU wheel 2.13.0, so that the
 # open `torch>=` range in pyproject.toml never pulls a multi-GB CUDA build.
 
@@ -11,6 +13,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.gptfn-installed
+LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 
 .PHONY: run test setup clean
 
@@ -28,7 +31,9 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==$(TORCH_VERSION)"
-	$(PY) -m pip install -e ".[test,tf,plot]"
+	@# llama-cpp-python builds llama.cpp: without its multimodal library (unused here),
+	@# which is a third of the build
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -e ".[test,tf,plot,interop]"
 	touch $(STAMP)
 
 clean:

@@ -1,11 +1,18 @@
-"""``python -m export torchscript|pt2|aoti --model NAME_OR_PATH [--random-init] --out PATH
-[--dtype D] [--device D] [--max-seq-len N]``: build, verify against eager, keep.
+"""``python -m export torchscript|pt2|aoti|gguf|onnx --model NAME_OR_PATH [--random-init]
+--out PATH [--dtype D] [--device D] [--max-seq-len N] [--int8]``: build, verify, keep.
 
-The artifact and its report ``OUT.report.json`` (which names each artifact with its size and
-sha256) are written as one unit (see ``export.commit``). Each stage says on stderr what it
-is doing. Exit status 0 only after the artifact was verified; 1 when verification failed
-(nothing is kept); 2 for bad arguments or a failed write (a full disk), with a one-line
-error; 130 when interrupted.
+- ``torchscript``, ``pt2``, ``aoti``: torch artifacts, checked against eager gptfn
+  (``--dtype float32|bfloat16``, ``--device``, ``--max-seq-len``).
+- ``gguf``: one file for llama.cpp (``--dtype f32|f16|q8_0``), checked by loading it in
+  llama.cpp (llama-cpp-python): logits, greedy tokens, tokenizer.
+- ``onnx``: a directory in HF optimum's decoder-with-past layout (``--int8`` adds
+  ``model_quantized.onnx``), checked in ONNX Runtime: logits, greedy tokens via the cache.
+
+The artifact and its report ``OUT.report.json`` (``OUT/model.onnx.report.json`` for onnx;
+it names each artifact with its size and sha256) are written as one unit (see
+``export.commit``). Each stage says on stderr what it is doing. Exit status 0 only after
+the artifact was verified; 1 when verification failed (nothing is kept); 2 for bad
+arguments or a failed write (a full disk), with a one-line error; 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -15,20 +22,30 @@ import sys
 from pathlib import Path
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("kind", choices=["torchscript", "pt2", "aoti"])
+def main(argv=None, prog: str = "python -m export") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser.add_argument("kind", choices=["torchscript", "pt2", "aoti", "gguf", "onnx"])
     parser.add_argument("--model", default="gpt2", help="model name or checkpoint path (gpt2)")
     parser.add_argument("--random-init", action="store_true",
                         help="random weights for a preset (no pretrained weights needed)")
-    parser.add_argument("--out", required=True, help="artifact path (.pt or .pt2)")
-    parser.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
+    parser.add_argument("--out", required=True,
+                        help="artifact path (.pt, .pt2, .gguf), or a directory for onnx")
+    parser.add_argument("--dtype", default=None,
+                        help="torch kinds: float32 (default) or bfloat16; gguf: f32 (default), "
+                             "f16 or q8_0; onnx: float32")
+    parser.add_argument("--int8", action="store_true",
+                        help="onnx: also write model_quantized.onnx (onnxruntime's dynamic "
+                             "int8 quantization), checked by its logits error")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="gguf/onnx: threads of the engine that checks the file (2)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--max-seq-len", type=int, default=None,
                         help="longest sequence the artifact serves, at least 17 (default: "
                              "context_length)")
     parser.add_argument("--seed", type=int, default=0, help="--random-init weights, test inputs")
     args = parser.parse_args(argv)
+    from export.engines import EngineError
+
     try:
         import torch
 
@@ -36,8 +53,12 @@ def main(argv=None) -> int:
         from export.verify import VerificationError, format_report, verify
         from gptfn.weights.resolve import load_model, parse_device, parse_dtype
 
-        device, dtype = parse_device(args.device), parse_dtype(args.dtype)
         out = Path(args.out).expanduser()
+        if args.kind in ("gguf", "onnx"):
+            return _interop(args, out)
+        if args.int8:
+            raise ValueError("--int8 is for onnx exports")
+        device, dtype = parse_device(args.device), parse_dtype(args.dtype or "float32")
         if args.max_seq_len is not None:  # refused before the model is even loaded
             check_decode_length(args.max_seq_len)
         _status(f"loading {args.model}")
@@ -52,7 +73,7 @@ def main(argv=None) -> int:
         print(format_report(report))
         print(f"verified and written: {', '.join(map(str, artifact_paths(args.kind, out)))}")
         return 0
-    except VerificationError as e:
+    except (VerificationError, EngineError) as e:
         print(f"export: verification failed, nothing kept: {e}", file=sys.stderr)
         return 1
     except (ValueError, OSError, ImportError) as e:
@@ -61,6 +82,50 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("export: interrupted", file=sys.stderr)
         return 130
+
+
+def _interop(args, out: Path) -> int:
+    """GGUF and ONNX: fp32 weights in, the file's precision chosen by ``--dtype``."""
+    import torch
+
+    from export.gguf_file import DTYPES
+    from export.interop import build_gguf, build_onnx, check_onnx_dir
+    from export.verify_interop import format_interop_report
+    from gptfn.weights.resolve import load_model
+
+    if args.max_seq_len is not None:
+        raise ValueError(f"--max-seq-len is for torch artifacts: a {args.kind} file serves "
+                         "the model's whole context")
+    if args.device != "cpu":
+        raise ValueError(f"--device: {args.kind} files are written from the CPU")
+    if args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads}")
+    if args.kind == "gguf":
+        dtype = args.dtype or "f32"
+        if dtype not in DTYPES:
+            raise ValueError(f"--dtype for gguf must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        if args.int8:
+            raise ValueError("--int8 is for onnx exports (gguf has --dtype q8_0)")
+        if out.is_dir():
+            raise IsADirectoryError(f"--out {out} is a directory: give the .gguf file's path")
+        if not out.parent.is_dir():
+            raise FileNotFoundError(f"output directory does not exist: {out.parent}")
+    else:
+        if (args.dtype or "float32") not in ("float32", "fp32"):
+            raise ValueError("--dtype for onnx must be float32 (use --int8 for an int8 model)")
+        check_onnx_dir(out)
+    _status(f"loading {args.model}")
+    model = load_model(args.model, args.random_init, args.seed, torch.float32,
+                       torch.device("cpu"))
+    if args.kind == "gguf":
+        report = build_gguf(model, out, dtype, args.seed, args.threads, _status)
+        written = [out, out.with_name(out.name + ".report.json")]
+    else:
+        report = build_onnx(model, out, args.int8, args.seed, args.threads, _status)
+        written = [out / a["file"] for a in report["artifacts"]] + [out / "model.onnx.report.json"]
+    print(format_interop_report(report))
+    print(f"verified and written: {', '.join(map(str, written))}")
+    return 0
 
 
 def check_decode_length(max_seq_len: int) -> None:

@@ -156,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
     tr.set_defaults(func=_cmd_train)
 
+    sub.add_parser(
+        "export", add_help=False,
+        help="export a model: torchscript, pt2, aoti, gguf (llama.cpp) or onnx (ONNX Runtime)",
+        description="The export suite (python -m export); see gptfn export --help.",
+    )
+
     ev = sub.add_parser("eval", help="loss and perplexity of a model on a text or corpus",
                         description="Mean next-token loss and perplexity over windows of DATA.")
     ev.add_argument("--model", required=True,
@@ -420,9 +426,24 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     print(f"gptfn: warning: {message}", file=sys.stderr)
 
 
+def _cmd_export(argv: List[str]) -> int:
+    """``gptfn export ...`` is ``python -m export ...``: the same arguments, checks and exit
+    status."""
+    try:
+        from export.__main__ import main as export_main
+    except ImportError:
+        print("gptfn: error: the export suite is not importable: install gptfn from its "
+              "source tree (pip install -e .)", file=sys.stderr)
+        return 2
+    return export_main(argv, prog="gptfn export")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     from gptfn.errors import TrainingDiverged, TrainingInterrupted
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["export"]:  # its own parser, so that --help and errors are the suite's
+        return _cmd_export(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
