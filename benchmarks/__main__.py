@@ -1,9 +1,11 @@
 """``python -m benchmarks [WORKLOAD...] [--quick] [--out DIR] [--model PRESET] [--device D]
-[--dtype fp32|bf16|fp16] [--rounds N]``.
+[--dtype fp32|bf16|fp16] [--rounds N] [--peers all|none|NAME,...]``.
 
-Every workload runs on the CPU in fp32 by default. ``--device cuda --dtype bf16`` runs the
-model workloads on a GPU (CUDA-event timing, the datasheet's bandwidth and FLOP/s as the
-rooflines, HF's static cache + torch.compile as a second peer in decode).
+Every workload runs on the CPU in fp32 by default. The decode (batch 1) and prefill
+workloads run llama.cpp and ONNX Runtime beside gptfn where they are installed
+(``--peers``). ``--device cuda --dtype bf16`` runs the model workloads on a GPU (CUDA-event
+timing, the datasheet's bandwidth and FLOP/s as the rooflines, HF's static cache +
+torch.compile as a second peer in decode).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from benchmarks.harness import write_report
+from benchmarks.peers import PEERS, PeerFiles, parse_peers
 
 WORKLOADS = ("decode", "prefill", "training", "loading", "compile", "artifacts", "memory",
              "tokenize", "prepare")
@@ -83,11 +86,19 @@ def main(argv=None) -> int:
                         help="torch threads (default: torch's own choice)")
     parser.add_argument("--rounds", type=positive_int, default=None,
                         help="interleaved rounds (default 7, 3 with --quick)")
+    parser.add_argument("--peers", default="all",
+                        help="engines beside gptfn in decode and prefill: all (default: those "
+                             "installed), none, or a comma list of " + ", ".join(PEERS)
+                             + " (llama.cpp / onnxruntime: all of that engine's)")
     args = parser.parse_args(argv)
     unknown = [w for w in args.workloads if w not in WORKLOADS]
     if unknown:
         parser.error(f"unknown workload(s) {', '.join(unknown)}; known: {', '.join(WORKLOADS)}")
     rounds = args.rounds if args.rounds is not None else (3 if args.quick else 7)
+    try:
+        args.peers = parse_peers(args.peers)
+    except ValueError as exc:
+        parser.error(f"--peers: {exc}")
     from gptfn import GPTConfig
 
     try:
@@ -125,19 +136,26 @@ def main(argv=None) -> int:
 
 
 def _run(args, rounds: int, target, out: Path, plot_result) -> None:
+    with PeerFiles() as peer_files:  # the peers' model files, shared by decode and prefill
+        _run_workloads(args, rounds, target, out, plot_result, peer_files)
+
+
+def _run_workloads(args, rounds: int, target, out: Path, plot_result, peer_files) -> None:
     from benchmarks import (artifacts, compile_time, decode, loading, memory, prefill, tokenizer,
                             training)
 
     for name in args.workloads or WORKLOADS:
         if name == "decode":
             result = decode.bench_decode(args.quick, rounds, preset=args.model, target=target,
-                                         hf_compiled=args.hf_compiled or None)
+                                         hf_compiled=args.hf_compiled or None,
+                                         peers=args.peers, peer_files=peer_files)
             _report(out, result, plot_result)
             result = decode.bench_decode(args.quick, rounds, preset=args.model,
                                          batch_size=args.batch_size or (4 if args.quick else 8),
                                          target=target, hf_compiled=args.hf_compiled or None)
         elif name == "prefill":
-            result = prefill.bench_prefill(args.quick, rounds, preset=args.model, target=target)
+            result = prefill.bench_prefill(args.quick, rounds, preset=args.model, target=target,
+                                           peers=args.peers, peer_files=peer_files)
         elif name == "loading":
             result = loading.bench_loading(args.quick, rounds, preset=args.model, target=target)
         elif name == "compile":

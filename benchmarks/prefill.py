@@ -3,7 +3,11 @@
 Variants (same weights, same prompt, interleaved rounds after a warm-up): HF
 transformers' forward with ``use_cache=True, logits_to_keep=1`` (what its ``generate`` runs
 first), and gptfn's ``prefill`` into a static KV cache (eager; it also computes the last
-position's logits only); on the run's device and dtype (``--device``, ``--dtype``).
+position's logits only); on the run's device and dtype (``--device``, ``--dtype``). On the
+CPU, the peers too (``benchmarks.peers``: llama.cpp and ONNX Runtime on gptfn's GGUF and
+ONNX exports, each in its own process, timed by its own clock around one pass over the
+prompt; llama.cpp computes the last position's logits only, ONNX Runtime every position's,
+as optimum's export does).
 
 MFU = FLOPs of the prefill / time / peak FLOP/s. FLOPs follow nanoGPT's count for a forward
 pass, 2 N + 4 L T C per token (N: the weights' parameters without the embeddings; attention
@@ -15,12 +19,13 @@ same rounds.
 from __future__ import annotations
 
 import statistics
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
 from benchmarks.device import Target, gemm_probe, per_round
 from benchmarks.harness import environment, hf_peer, interleaved, quick_config, relative_error
+from benchmarks.peers import PeerFiles, fp32_copy, peer_engines
 
 
 def prefill_flops(cfg, t: int) -> int:
@@ -33,7 +38,8 @@ def prefill_flops(cfg, t: int) -> int:
 
 
 def bench_prefill(quick: bool, rounds: int, preset: str = "gpt2",
-                  target: Optional[Target] = None, log=print) -> dict:
+                  target: Optional[Target] = None, peers: Sequence[str] = (),
+                  peer_files: Optional[PeerFiles] = None, log=print) -> dict:
     from gptfn import GPTConfig, GPTModel, KVCache
     from gptfn.generation import model_parts
     from gptfn.kv_cache import prefill
@@ -48,6 +54,7 @@ def bench_prefill(quick: bool, rounds: int, preset: str = "gpt2",
         lengths = [128, 512, 1024]
     model = GPTModel(cfg, seed=0).eval()
     hf = hf_peer(cfg, model, target)
+    params32 = fp32_copy(model) if peers else {}  # what the peers' files are written from
     model = model.to(device=target.device, dtype=target.dtype)
     _, params = model_parts(model)
     clock = target.clock()
@@ -55,38 +62,55 @@ def bench_prefill(quick: bool, rounds: int, preset: str = "gpt2",
     _, spec_flops = target.spec()
     tol = 1e-3 if target.dtype == torch.float32 else 3e-2
     gen = torch.Generator().manual_seed(0)
-    rows: List[Dict[str, object]] = []
-    samples_all = {}
-    for t in lengths:
-        idx = torch.randint(0, cfg.vocab_size, (1, t), generator=gen).to(target.device)
+    off = "peers run on the CPU" if target.is_cuda else None
+    errors: Dict[tuple, float] = {}  # (T, peer) -> last logits' relative error vs gptfn
+    with peer_engines(peers, peer_files, cfg, params32, torch.get_num_threads(), off,
+                      log) as (engines, skipped):
+        rows: List[Dict[str, object]] = []
+        samples_all = {}
+        for t in lengths:
+            idx = torch.randint(0, cfg.vocab_size, (1, t), generator=gen).to(target.device)
 
-        def ours():
-            with torch.no_grad():
-                cache = KVCache.create(cfg, 1, t, dtype=target.dtype, device=target.device)
-                return prefill(params, idx, cache, cfg)[0]
+            def ours():
+                with torch.no_grad():
+                    cache = KVCache.create(cfg, 1, t, dtype=target.dtype, device=target.device)
+                    return prefill(params, idx, cache, cfg)[0]
 
-        def theirs():
-            with torch.no_grad():
-                # what HF generate runs first: logits of the last position only
-                return hf(idx, use_cache=True, logits_to_keep=1).logits[:, -1]
+            def theirs():
+                with torch.no_grad():
+                    # what HF generate runs first: logits of the last position only
+                    return hf(idx, use_cache=True, logits_to_keep=1).logits[:, -1]
 
-        error = relative_error(ours(), theirs())
-        if error > tol:
-            raise RuntimeError(f"gptfn and HF disagree on the last logits at T={t}: relative "
-                               f"error {error:.1e} > {tol:.0e} ({target.dtype_name})")
-        log(f"prefill T={t} on {target.describe()}: {rounds} interleaved rounds")
-        samples = interleaved({"hf": theirs, "eager": ours, "gemm": gemm}, rounds=rounds,
-                              warmup=1, clock=clock)
-        samples_all[t] = samples.times
-        flops = prefill_flops(cfg, t)
-        peaks = per_round(spec_flops, gemm_flops, samples.times["gemm"])
-        for name in ("hf", "eager"):
-            mfu = [flops / s / p for s, p in zip(samples.times[name], peaks)]
-            rows.append({"T": t, "variant": name, "ttft_ms": samples.median(name) * 1e3,
-                         "min_ms": min(samples.times[name]) * 1e3,
-                         "max_ms": max(samples.times[name]) * 1e3,
-                         "ratio_vs_hf": samples.ratio(name, "hf"),
-                         "mfu": statistics.median(mfu)})
+            error = relative_error(ours(), theirs())
+            if error > tol:
+                raise RuntimeError(f"gptfn and HF disagree on the last logits at T={t}: relative "
+                                   f"error {error:.1e} > {tol:.0e} ({target.dtype_name})")
+            peer_s: Dict[str, List[float]] = {name: [] for name in engines}
+
+            def peer(name: str, ids=idx[0].tolist()):
+                logits, seconds = engines[name].prefill(ids)
+                peer_s[name].append(seconds)  # the engine's own clock, around its pass
+                return torch.from_numpy(logits)
+
+            for name in engines:
+                errors[(t, name)] = relative_error(peer(name), ours()[0].float())
+                peer_s[name].clear()
+            log(f"prefill T={t} on {target.describe()}: {rounds} interleaved rounds")
+            variants = {"hf": theirs, "eager": ours, "gemm": gemm,
+                        **{name: (lambda name=name: peer(name)) for name in engines}}
+            samples = interleaved(variants, rounds=rounds, warmup=1, clock=clock)
+            for name in engines:
+                samples.times[name] = peer_s[name][1:]  # less the warm-up round
+            samples_all[t] = samples.times
+            flops = prefill_flops(cfg, t)
+            peaks = per_round(spec_flops, gemm_flops, samples.times["gemm"])
+            for name in ("hf", "eager", *engines):
+                mfu = [flops / s / p for s, p in zip(samples.times[name], peaks)]
+                rows.append({"T": t, "variant": name, "ttft_ms": samples.median(name) * 1e3,
+                             "min_ms": min(samples.times[name]) * 1e3,
+                             "max_ms": max(samples.times[name]) * 1e3,
+                             "ratio_vs_hf": samples.ratio(name, "hf"),
+                             "mfu": statistics.median(mfu)})
     peak_name = "datasheet" if spec_flops else "GEMM probe"
     lines = [f"| T | variant | time to first token (ms, median) | min-max | vs HF "
              f"| MFU ({peak_name}) |", "|---:|---|---:|---:|---:|---:|"]
@@ -98,7 +122,14 @@ def bench_prefill(quick: bool, rounds: int, preset: str = "gpt2",
     lines += ["", f"{target.describe()}; GEMM probe {statistics.median(gemm_rates) / 1e9:.0f} "
                   "GFLOP/s (median)" + (f"; datasheet peak {spec_flops / 1e12:.0f} TFLOP/s"
                                         if spec_flops else "")]
+    if errors:
+        lines[-1] += ("; the peers' last logits against gptfn's (relative error): "
+                      + ", ".join(f"{name} at T={t} {e:.1e}" for (t, name), e in errors.items()))
+    if skipped:
+        lines[-1] += "; peers left out: " + "; ".join(f"{k} ({v})" for k, v in skipped.items())
     return {"workload": "prefill", "config": cfg.to_dict(), "device": str(target.device),
             "dtype": target.dtype_name, "rounds": rounds, "samples_s": samples_all,
             "gemm_flops": gemm_flops, "spec_flops": spec_flops, "rows": rows,
+            "peer_errors": {f"{name}@{t}": e for (t, name), e in errors.items()},
+            "peers_left_out": skipped,
             "environment": environment(), "table": "\n".join(lines)}

@@ -97,7 +97,11 @@ class Engine:
             [sys.executable, "-m", "export.engines", engine, str(path), str(threads),
              "1" if exact else "0", str(n_ctx)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, env=env)
-        self.info = self._call(None)  # the child's answer once the model is loaded
+        try:
+            self.info = self._call(None)  # the child's answer once the model is loaded
+        except BaseException:
+            self.close()
+            raise
 
     def _call(self, request) -> Any:
         try:

@@ -130,14 +130,18 @@ def export_onnx(config: GPTConfig, params: Dict[str, Tensor], path: Path) -> Non
     where the model passes protobuf's 2 GB)."""
     from torch.export import Dim
 
+    if config.context_length < 4:
+        raise ValueError(f"ONNX export needs a context of at least 4 positions (its trace "
+                         f"takes 2 past and 2 new tokens), got {config.context_length}")
     module = OnnxDecoder(config, params).eval()
     n = config.num_layers
     batch = Dim("batch", min=1, max=1024)
     seq = Dim("sequence_length", min=1, max=config.context_length)
     past = Dim("past_sequence_length", min=0, max=config.context_length)
-    shape = (2, config.num_heads, 3, config.head_dim)  # an example past of 3 slots
-    example = (torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 5, dtype=torch.long),
-               torch.tensor([[3, 4], [3, 4]]),
+    # an example of batch 2, past 2, 2 new tokens: sizes 0 and 1 would be traced as constants
+    shape = (2, config.num_heads, 2, config.head_dim)
+    example = (torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 4, dtype=torch.long),
+               torch.tensor([[2, 3], [2, 3]]),
                tuple(torch.zeros(shape) for _ in range(2 * n)))
     # the mask's length is past + sequence: the exporter infers that relation itself
     dynamic = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: Dim.DYNAMIC},

@@ -33,10 +33,14 @@ import torch
 
 from export.verify import VerificationError
 
-# Relative error of logits against eager fp32 allowed per file precision. The reduced ones
-# are what rounding the weights costs (f16: 11-bit mantissa; q8_0 and ONNX Runtime's int8:
-# 8-bit values per block or row), with room for a model that is not GPT-2 124M.
-TOLERANCE = {"f32": 2e-3, "fp32": 1e-5, "f16": 1e-2, "q8_0": 5e-2, "int8": 1.5e-1}
+# Relative error of logits against eager fp32 allowed per file precision: what the engine's
+# arithmetic and the rounding of the weights cost, with room for models other than the ones
+# measured (a file with a wrong or misplaced tensor gives 1 or more). llama.cpp's f32 computes
+# GELU through a float16 table (4.8e-4 on GPT-2 124M); f16 rounds weights to 11-bit
+# mantissas (9.2e-4); q8_0 to 8 bits per 32-value block (2.5e-2); ONNX Runtime's dynamic
+# int8 also quantizes activations, per tensor, at run time (5.5e-2 on GPT-2 124M, up to 0.16
+# on small random models).
+TOLERANCE = {"f32": 2e-3, "fp32": 1e-5, "f16": 1e-2, "q8_0": 1e-1, "int8": 3.5e-1}
 ONNX_MAX_ABS = 1e-4
 MIN_DECODE_STEPS = 16
 TOKENIZER_TEXT = ("Hello, world! GPT-2's tokenizer:   spaces,\ttabs\n\nnew lines; digits 1234567 "
@@ -71,8 +75,8 @@ def check_logits(engine, model, precision: str, seed: int, max_abs: Optional[flo
         row = {"relative": relative(got, want), "max_abs": float(np.abs(got - want).max())}
         if not row["relative"] <= tol or (max_abs is not None and not row["max_abs"] <= max_abs):
             raise VerificationError(
-                f"{precision} {what}: relative error {row['relative']:.2e} (allowed {tol:.0e})"
-                + (f", max abs {row['max_abs']:.2e} (allowed {max_abs:.0e})" if max_abs else ""))
+                f"{precision} {what}: relative error {row['relative']:.2e} (allowed {tol:.2g})"
+                + (f", max abs {row['max_abs']:.2e} (allowed {max_abs:.2g})" if max_abs else ""))
         return row
 
     for t in lengths:

@@ -116,14 +116,26 @@ def test_quick_suite_writes_reports(tmp_path):
     assert all(r["peak_mb"] >= r["after_build_mb"] > 0 for r in memory["rows"])
     compiled = json.loads((tmp_path / "compile.json").read_text())
     assert compiled["cold"]["graphs_after_warmup"] == compiled["warm"]["graphs_after_warmup"] == 0
+    # the peers run where their engines are installed (make test installs them), and say
+    # why where not
+    from benchmarks.peers import PEERS, missing
+
+    running = set(PEERS) - set(missing(list(PEERS)))
     decode = json.loads((tmp_path / "decode.json").read_text())
-    assert {r["variant"] for r in decode["rows"]} == {"hf", "eager", "compiled"}
+    assert {r["variant"] for r in decode["rows"]} == {"hf", "eager", "compiled"} | running
+    assert set(decode["peers_left_out"]) == set(PEERS) - running
+    assert decode["agreement"]["tokens_equal_to_hf"].keys() >= running
+    prefill = json.loads((tmp_path / "prefill.json").read_text())
+    assert {r["variant"] for r in prefill["rows"]} == {"hf", "eager"} | running
+    for key, error in prefill["peer_errors"].items():  # each peer computed the same model
+        assert error < (0.1 if "int8" in key or "q8_0" in key else 2e-3), key
 
 
 def test_quick_bf16_with_hf_compiled_peer(tmp_path):
     r = subprocess.run([sys.executable, "-m", "benchmarks", "decode", "prefill", "--quick",
-                        "--dtype", "bf16", "--hf-compiled", "--rounds", "2", "--out",
-                        str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+                        "--dtype", "bf16", "--hf-compiled", "--rounds", "2", "--peers", "none",
+                        "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT,
+                       timeout=300)
     assert r.returncode == 0, r.stderr
     decode = json.loads((tmp_path / "decode.json").read_text())
     assert decode["dtype"] == "bf16"
@@ -132,6 +144,17 @@ def test_quick_bf16_with_hf_compiled_peer(tmp_path):
     assert 0 <= 32 * 2**20 - decode["gemv_bytes"] < 2 * 768  # 32 MiB of bf16 rows of 768
     prefill = json.loads((tmp_path / "prefill.json").read_text())
     assert all(0 < row["mfu"] for row in prefill["rows"])
+
+
+def test_peers_are_named_or_refused():
+    from benchmarks.peers import PEERS, parse_peers
+
+    assert parse_peers("all") == list(PEERS) and parse_peers("none") == []
+    assert parse_peers("onnxruntime,llama.cpp-q8_0") == [
+        "onnxruntime-fp32", "onnxruntime-int8", "llama.cpp-q8_0"]
+    r = subprocess.run([sys.executable, "-m", "benchmarks", "decode", "--peers", "llama"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "--peers: unknown peer 'llama'" in r.stderr
 
 
 def test_unknown_workload():
