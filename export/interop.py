@@ -50,7 +50,10 @@ def build_gguf(model, out: Path, dtype: str, seed: int, threads: int,
         log(f"committing {out.name}, {report_final.name}")
         return commit([(tmp, out)], report, report_final)
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass  # left under a temporary name: the next export of this name removes it
 
 
 def check_onnx_dir(out: Path) -> None:
