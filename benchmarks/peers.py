@@ -40,12 +40,15 @@ CACHE_BYTES = {"llama.cpp": 2, "onnxruntime": 4}
 def parse_peers(text: Optional[str]) -> List[str]:
     """``--peers``: ``all`` (the default), ``none``, or a comma-separated list of names
     (``llama.cpp`` and ``onnxruntime`` stand for all of that engine's)."""
-    if text is None or text == "all":
-        return list(PEERS)
-    if text == "none":
-        return []
+    items = [part.strip() for part in (text or "all").split(",")]
+    if "" in items:
+        raise ValueError(f"an empty name in {text!r}; use all, none, or names")
+    if "all" in items or "none" in items:
+        if len(items) > 1:
+            raise ValueError(f"all and none stand alone, got {text!r}")
+        return list(PEERS) if items == ["all"] else []
     names: List[str] = []
-    for item in (part.strip() for part in text.split(",") if part.strip()):
+    for item in items:
         matched = [n for n, (engine, _) in PEERS.items() if item in (n, engine)]
         if not matched:
             raise ValueError(f"unknown peer {item!r}; known: {', '.join(PEERS)}, llama.cpp, "

@@ -18,6 +18,8 @@ arguments or a failed write (a full disk), with a one-line error; 130 when inter
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -45,12 +47,14 @@ def main(argv=None, prog: str = "python -m export") -> int:
     parser.add_argument("--seed", type=int, default=0, help="--random-init weights, test inputs")
     args = parser.parse_args(argv)
     from export.engines import EngineError
+    from export.errors import VerificationError
 
+    previous = _terminate_as_interrupt()
     try:
         import torch
 
         from export.build import artifact_paths, build, check_request
-        from export.verify import VerificationError, format_report, verify
+        from export.verify import format_report, verify
         from gptfn.weights.resolve import load_model, parse_device, parse_dtype
 
         out = Path(args.out).expanduser()
@@ -82,6 +86,9 @@ def main(argv=None, prog: str = "python -m export") -> int:
     except KeyboardInterrupt:
         print("export: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _interop(args, out: Path) -> int:
@@ -98,8 +105,9 @@ def _interop(args, out: Path) -> int:
                          "the model's whole context")
     if args.device != "cpu":
         raise ValueError(f"--device: {args.kind} files are written from the CPU")
-    if args.threads < 1:
-        raise ValueError(f"--threads must be at least 1, got {args.threads}")
+    most = max(64, 4 * (os.cpu_count() or 1))
+    if not 1 <= args.threads <= most:
+        raise ValueError(f"--threads must be in [1, {most}], got {args.threads}")
     if args.kind == "gguf":
         dtype = args.dtype or "f32"
         if dtype not in DTYPES:
@@ -137,6 +145,19 @@ def check_decode_length(max_seq_len: int) -> None:
     if max_seq_len < MIN_DECODE_STEPS + 1:
         raise ValueError(f"max_seq_len must be at least {MIN_DECODE_STEPS + 1} to verify "
                          f"{MIN_DECODE_STEPS} decode steps, got {max_seq_len}")
+
+
+def _terminate_as_interrupt():
+    """SIGTERM ends an export as Ctrl-C does: temporaries removed, engines stopped, exit 130.
+    Returns the previous handler, to be put back (None where signals cannot be set: not the
+    main thread)."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread
+        return None
 
 
 def _status(message: str) -> None:

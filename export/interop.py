@@ -12,19 +12,28 @@ checked (``export.verify_interop``), and committed with its report as one unit
   (an ONNX file names its weights file relative to itself, so the pair is checked under its
   final names), then moved up.
 
-A directory holding anything else (a model of the user's, say) is refused, never written.
+A directory holding anything else (a model of the user's, say), or a report that does not
+describe the files beside it, is refused, never written. One export writes into a directory
+at a time (a lock, ``.gptfn-export.lock``); a second is refused. A GGUF export holds its
+temporary file locked, so that another export of the same name, which removes the
+temporaries killed exports left, leaves it alone.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List
 
-from export.commit import commit, read_report, remove_stale_temps, report_path, temp_path
+from export.commit import (StaleReport, commit, read_report, remove_stale_temps, report_path,
+                           temp_path)
+from gptfn.fileio import hold_temp
 
 ONNX_REPORT = "model.onnx.report.json"
 _STAGING_PREFIX = ".gptfn-onnx-staging."
@@ -38,17 +47,18 @@ def build_gguf(model, out: Path, dtype: str, seed: int, threads: int,
 
     config, params = model_parts(model)
     report_final = report_path(out)
-    remove_stale_temps([out, report_final])
+    remove_stale_temps([out, report_final])  # not those a live export holds
     tmp = temp_path(out, ".gguf")
     try:
-        log(f"writing {out.name} ({dtype}) with the gguf package")
-        types = write_gguf(tmp, config, params, dtype, name=out.stem)
-        log(f"loading {out.name} in llama.cpp and checking it against eager gptfn")
-        report = {"kind": "gguf", "dtype": dtype, "size_bytes": tmp.stat().st_size,
-                  "tensor_types": sorted(set(types.values())),
-                  **verify_gguf(tmp, model, dtype, seed, threads)}
-        log(f"committing {out.name}, {report_final.name}")
-        return commit([(tmp, out)], report, report_final)
+        with hold_temp(tmp):  # a second export of the same name leaves it alone
+            log(f"writing {out.name} ({dtype}) with the gguf package")
+            types = write_gguf(tmp, config, params, dtype, name=out.stem)
+            log(f"loading {out.name} in llama.cpp and checking it against eager gptfn")
+            report = {"kind": "gguf", "dtype": dtype, "size_bytes": tmp.stat().st_size,
+                      "tensor_types": sorted(set(types.values())),
+                      **verify_gguf(tmp, model, dtype, seed, threads)}
+            log(f"committing {out.name}, {report_final.name}")
+            return commit([(tmp, out)], report, report_final)
     finally:
         try:
             tmp.unlink(missing_ok=True)
@@ -56,24 +66,40 @@ def build_gguf(model, out: Path, dtype: str, seed: int, threads: int,
             pass  # left under a temporary name: the next export of this name removes it
 
 
-def check_onnx_dir(out: Path) -> None:
-    """Refuse an ``--out`` that is not a new directory or an earlier gptfn ONNX export."""
+def _ignored(name: str) -> bool:
+    """Entries of an ONNX export directory that are no export's file: the lock, the staging
+    directories a killed export left, and a user's dotfiles."""
+    return name.startswith(".")
+
+
+def check_onnx_dir(out: Path) -> List[str]:
+    """Refuse an ``--out`` that is not a new or empty directory or an earlier gptfn ONNX
+    export (its report checking out against the files beside it). Returns the files the
+    earlier export's report names (none for a new directory)."""
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} exists and is not a directory")
     if not out.exists():
         if not out.parent.is_dir():
             raise FileNotFoundError(f"output directory's parent does not exist: {out.parent}")
-        return
-    ours = {"model.onnx", "model.onnx.data", "config.json", "model_quantized.onnx",
-            "model_quantized.onnx.data", ONNX_REPORT}
-    others = sorted(p.name for p in out.iterdir()
-                    if p.name not in ours and not p.name.startswith((".", _STAGING_PREFIX)))
-    if not (out / ONNX_REPORT).is_file() and any(out.iterdir()):
+        return []
+    entries = sorted(p.name for p in out.iterdir() if not _ignored(p.name))
+    if not entries:
+        return []
+    if ONNX_REPORT not in entries:
         raise FileExistsError(f"--out {out} is a directory that holds no gptfn ONNX export: give "
                               "a new or empty directory")
-    if others:
-        raise FileExistsError(f"--out {out} holds files that are not an ONNX export's "
-                              f"({', '.join(others[:3])}): give a new or empty directory")
+    try:
+        report = read_report(out / ONNX_REPORT)
+    except (StaleReport, OSError) as e:
+        raise FileExistsError(f"--out {out}: its {ONNX_REPORT} is not a report of the files "
+                              f"beside it ({e}): give a new or empty directory") from None
+    named = [a["file"] for a in report["artifacts"]]
+    others = [n for n in entries if n not in named and n != ONNX_REPORT]
+    if report.get("kind") != "onnx" or others:
+        raise FileExistsError(f"--out {out} holds files that are not its ONNX export's "
+                              f"({', '.join(others[:3]) or ONNX_REPORT}): give a new or empty "
+                              "directory")
+    return named
 
 
 def build_onnx(model, out: Path, int8: bool, seed: int, threads: int,
@@ -83,43 +109,70 @@ def build_onnx(model, out: Path, int8: bool, seed: int, threads: int,
     from gptfn.generation import model_parts
 
     config, params = model_parts(model)
+    created = not out.exists()
     check_onnx_dir(out)
     out.mkdir(exist_ok=True)
-    for stale in out.glob(_STAGING_PREFIX + "*"):  # what a killed export left
-        shutil.rmtree(stale, ignore_errors=True)
-    stage = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=out))
     try:
-        log(f"exporting the decoder with torch.onnx (dynamo) into {out}/{MODEL_FILE}")
-        export_onnx(config, params, stage / MODEL_FILE)
-        (stage / "config.json").write_text(
-            json.dumps({**config.to_hf_dict(), "use_cache": True}, indent=2) + "\n",
-            encoding="utf-8")
-        log(f"checking {MODEL_FILE} in ONNX Runtime against eager gptfn")
-        report = {"kind": "onnx", "checks": {MODEL_FILE: verify_onnx(stage / MODEL_FILE, model,
-                                                                    "fp32", seed, threads)}}
-        if int8:
-            log(f"quantizing to int8 with onnxruntime's quantize_dynamic into {INT8_FILE}")
-            quantize_int8(stage / MODEL_FILE, stage / INT8_FILE)
-            report["checks"][INT8_FILE] = verify_onnx(stage / INT8_FILE, model, "int8", seed,
-                                                      threads)
-        files = sorted(p for p in stage.iterdir() if p.is_file())
-        report["size_bytes"] = sum(p.stat().st_size for p in files)
-        log(f"committing {', '.join(p.name for p in files)}, {ONNX_REPORT}")
-        report = commit([(p, out / p.name) for p in files], report, out / ONNX_REPORT)
-        _remove_unlisted(out, [p.name for p in files])
-        return report
+        with _exclusive(out / ".gptfn-export.lock"):
+            earlier = check_onnx_dir(out)  # again, now that no other export is writing here
+            for stale in out.glob(_STAGING_PREFIX + "*"):  # what a killed export left
+                shutil.rmtree(stale, ignore_errors=True)
+            stage = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=out))
+            try:
+                log(f"exporting the decoder with torch.onnx (dynamo) into {out}/{MODEL_FILE}")
+                export_onnx(config, params, stage / MODEL_FILE)
+                (stage / "config.json").write_text(
+                    json.dumps({**config.to_hf_dict(), "use_cache": True}, indent=2) + "\n",
+                    encoding="utf-8")
+                log(f"checking {MODEL_FILE} in ONNX Runtime against eager gptfn")
+                checks = {MODEL_FILE: verify_onnx(stage / MODEL_FILE, model, "fp32", seed,
+                                                  threads)}
+                if int8:
+                    log(f"quantizing to int8 with onnxruntime's quantize_dynamic into "
+                        f"{INT8_FILE}")
+                    quantize_int8(stage / MODEL_FILE, stage / INT8_FILE)
+                    checks[INT8_FILE] = verify_onnx(stage / INT8_FILE, model, "int8", seed,
+                                                    threads)
+                files = sorted(p for p in stage.iterdir() if p.is_file())
+                report = {"kind": "onnx", "checks": checks,
+                          "size_bytes": sum(p.stat().st_size for p in files)}
+                log(f"committing {', '.join(p.name for p in files)}, {ONNX_REPORT}")
+                report = commit([(p, out / p.name) for p in files], report, out / ONNX_REPORT)
+            finally:
+                shutil.rmtree(stage, ignore_errors=True)
+            # the earlier export's files that this one did not write (its int8 model, say):
+            # its report named them, the new one does not
+            for name in set(earlier) - {p.name for p in files}:
+                path = out / name
+                if path.is_file() and not path.is_symlink():
+                    path.unlink()
+            return report
+    except BaseException:
+        if created:  # a new directory that holds nothing of ours: as if never made
+            (out / ".gptfn-export.lock").unlink(missing_ok=True)
+            try:
+                out.rmdir()
+            except OSError:
+                pass
+        raise
+
+
+@contextlib.contextmanager
+def _exclusive(lock: Path):
+    """One export into a directory at a time: a second one is refused, not interleaved
+    (it would remove the first's staging files as a killed export's)."""
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FileExistsError(f"another export is writing into {lock.parent}") from None
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)  # still held: an export that opened it is refused
     finally:
-        shutil.rmtree(stage, ignore_errors=True)
-
-
-def _remove_unlisted(out: Path, kept: List[str]) -> None:
-    """An earlier export's files that this one did not write (its int8 model, or external
-    weights it no longer needs): the report no longer names them."""
-    for name in ("model.onnx.data", "model_quantized.onnx", "model_quantized.onnx.data"):
-        if name not in kept:
-            path = out / name
-            if path.is_file() and not path.is_symlink():
-                path.unlink()
+        os.close(fd)
 
 
 def quantize_int8(src: Path, dst: Path) -> None:
@@ -188,9 +241,3 @@ class _DropMessage(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith(self.prefix)
-
-
-def onnx_report(out: Path) -> Optional[dict]:
-    """The report of the ONNX export in ``out`` (checked against its files), or None."""
-    path = out / ONNX_REPORT
-    return read_report(path) if path.is_file() else None

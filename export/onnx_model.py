@@ -147,8 +147,23 @@ def export_onnx(config: GPTConfig, params: Dict[str, Tensor], path: Path) -> Non
     dynamic = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: Dim.DYNAMIC},
                "position_ids": {0: batch, 1: seq},
                "past_key_values": tuple({0: batch, 2: past} for _ in range(2 * n))}
-    with torch.no_grad(), _exporter_notes_quiet():
-        program = torch.onnx.export(module, example, None, input_names=input_names(n),
-                                    output_names=output_names(n), dynamic_shapes=dynamic,
-                                    opset_version=OPSET, dynamo=True, verbose=False)
+    try:
+        with torch.no_grad(), _exporter_notes_quiet():
+            program = torch.onnx.export(module, example, None, input_names=input_names(n),
+                                        output_names=output_names(n), dynamic_shapes=dynamic,
+                                        opset_version=OPSET, dynamo=True, verbose=False)
+    except Exception as e:
+        if _caused_by_interrupt(e):  # torch.export wraps a Ctrl-C in its own error
+            raise KeyboardInterrupt from None
+        raise
     program.save(str(path))
+
+
+def _caused_by_interrupt(error: BaseException) -> bool:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False

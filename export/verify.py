@@ -28,12 +28,12 @@ from typing import Callable, Dict, List
 import torch
 from torch import Tensor
 
+from export.errors import VerificationError  # re-exported: export.verify's own name for it
+
 TOLERANCE = 1e-5  # fp32
 MIN_DECODE_STEPS = 16
 
 
-class VerificationError(RuntimeError):
-    """An artifact that does not compute what eager gptfn computes."""
 
 
 def _lengths(max_seq_len: int) -> List[int]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import os
 import re
@@ -75,7 +76,8 @@ def _temp_name(path: Path) -> "re.Pattern[str]":
 
 def remove_stale_temps(path: PathLike) -> List[Path]:
     """Delete the temporary files that killed writes of ``path`` left beside it: regular
-    files (never links) in its directory named as ``temp_path`` names them. Returns them."""
+    files (never links) in its directory named as ``temp_path`` names them, except those a
+    live writer holds locked (``hold_temp``). Returns them."""
     path = Path(path)
     pattern = _temp_name(path)
     removed = []
@@ -83,11 +85,36 @@ def remove_stale_temps(path: PathLike) -> List[Path]:
         for entry in entries:
             if pattern.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
                 try:
+                    if _held(entry.path):
+                        continue  # another process is writing it now
                     os.unlink(entry.path)
                 except OSError:
                     continue  # litter, not harm: the write goes on
                 removed.append(Path(entry.path))
     return removed
+
+
+def _held(path: str) -> bool:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def hold_temp(path: PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on the temporary file ``path`` while it is written, so that a
+    concurrent write of the same target does not take it for a killed one's and remove it."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager

@@ -279,9 +279,28 @@ def test_onnx_export_never_writes_into_a_directory_of_other_files(tiny_dir, tmp_
 
 
 @needs_onnx
+def test_a_report_that_is_not_gptfns_does_not_open_a_directory(tiny_dir, tmp_path, capsys):
+    (tmp_path / "model_quantized.onnx").write_bytes(b"the user's own model")
+    (tmp_path / "model.onnx.report.json").write_text("my notes")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert export("onnx", "--model", tiny_dir, "--out", tmp_path) == 2
+    assert "is not a report of the files beside it" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+@pytest.mark.parametrize("kind", ["gguf", "onnx"])
+def test_thread_counts_past_reason_are_refused_before_any_work(tiny_dir, tmp_path, capsys, kind):
+    out = tmp_path / ("m.gguf" if kind == "gguf" else "m")
+    assert export(kind, "--model", tiny_dir, "--out", out, "--threads", "100000") == 2
+    assert "--threads must be in [1, " in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@needs_onnx
 def test_onnx_export_replaces_its_own_earlier_export(tiny_dir, tmp_path):
     out = tmp_path / "onnx"
     assert export("onnx", "--model", tiny_dir, "--out", out, "--int8") == 0
+    (out / ".gptfn-onnx-staging.abcd1234").mkdir()  # what a killed export leaves
     assert export("onnx", "--model", tiny_dir, "--out", out) == 0
     assert sorted(p.name for p in out.iterdir()) == [
         "config.json", "model.onnx", "model.onnx.report.json"]  # the int8 model went with it

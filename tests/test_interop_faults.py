@@ -19,7 +19,7 @@ from tests.test_interop import NO_LLAMA, NO_ONNX
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-TEMP = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp(\.gguf)?|\.gptfn-onnx-staging\..+")
+TEMP = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp(\.gguf)?|\.gptfn-onnx-staging\..+|\.gptfn-export\.lock")
 
 
 @pytest.fixture(scope="module")
