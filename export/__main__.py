@@ -105,6 +105,12 @@ def _interop(args, out: Path) -> int:
                          "the model's whole context")
     if args.device != "cpu":
         raise ValueError(f"--device: {args.kind} files are written from the CPU")
+    from export.engines import available
+
+    engine = "llama.cpp" if args.kind == "gguf" else "onnxruntime"
+    why = available(engine)
+    if why:  # said before minutes of work, not after
+        raise ImportError(f"a {args.kind} export is checked in {engine}: {why}")
     most = max(64, 4 * (os.cpu_count() or 1))
     if not 1 <= args.threads <= most:
         raise ValueError(f"--threads must be in [1, {most}], got {args.threads}")
