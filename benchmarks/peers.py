@@ -116,14 +116,14 @@ class PeerFiles:
             write_gguf(path, config, params, precision)
             return path
         from export.interop import quantize_int8
-        from export.onnx_model import INT8_FILE, MODEL_FILE, export_onnx
+        from export.onnx_model import INT8_FILE, MODEL_FILE, export_onnx, hf_config
 
         onnx_dir = root / "onnx"
         fp32 = onnx_dir / MODEL_FILE
         if not fp32.is_file():
             onnx_dir.mkdir(exist_ok=True)
             export_onnx(config, params, fp32)
-            (onnx_dir / "config.json").write_text(json.dumps(config.to_hf_dict()), "utf-8")
+            (onnx_dir / "config.json").write_text(hf_config(config), "utf-8")
         if precision == "fp32":
             return fp32
         quantize_int8(fp32, onnx_dir / INT8_FILE)

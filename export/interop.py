@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import shutil
@@ -104,7 +103,7 @@ def check_onnx_dir(out: Path) -> List[str]:
 
 def build_onnx(model, out: Path, int8: bool, seed: int, threads: int,
                log: Callable[[str], None]) -> dict:
-    from export.onnx_model import INT8_FILE, MODEL_FILE, export_onnx
+    from export.onnx_model import INT8_FILE, MODEL_FILE, export_onnx, hf_config
     from export.verify_interop import verify_onnx
     from gptfn.generation import model_parts
 
@@ -121,9 +120,7 @@ def build_onnx(model, out: Path, int8: bool, seed: int, threads: int,
             try:
                 log(f"exporting the decoder with torch.onnx (dynamo) into {out}/{MODEL_FILE}")
                 export_onnx(config, params, stage / MODEL_FILE)
-                (stage / "config.json").write_text(
-                    json.dumps({**config.to_hf_dict(), "use_cache": True}, indent=2) + "\n",
-                    encoding="utf-8")
+                (stage / "config.json").write_text(hf_config(config), encoding="utf-8")
                 log(f"checking {MODEL_FILE} in ONNX Runtime against eager gptfn")
                 checks = {MODEL_FILE: verify_onnx(stage / MODEL_FILE, model, "fp32", seed,
                                                   threads)}

@@ -19,6 +19,7 @@ parameter dict, as every other gptfn artifact.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import warnings
 from pathlib import Path
@@ -36,6 +37,11 @@ from gptfn.functional.model import embed, lm_head
 MODEL_FILE = "model.onnx"
 INT8_FILE = "model_quantized.onnx"  # the name optimum's quantizer gives
 OPSET = 18
+
+
+def hf_config(config: GPTConfig) -> str:
+    """The ``config.json`` beside the model: HF's GPT-2 config, which optimum reads."""
+    return json.dumps({**config.to_hf_dict(), "use_cache": True}, indent=2) + "\n"
 
 
 def input_names(num_layers: int) -> List[str]:

@@ -107,7 +107,7 @@ def check_greedy(engine, model, precision: str, seed: int, required: bool) -> di
         want = generate(model, prompt, n)[0, p:].tolist()
     eager_s = time.perf_counter() - t0
     got, stamps = engine.greedy(prompt[0].tolist(), n)
-    same = sum(1 for _ in _common_prefix(got, want))
+    same = first_difference(got, want)
     report = {"steps": n, "tokens_equal": got == want, "equal_prefix": same,
               "engine_per_token_s": (stamps[-1] - stamps[0]) / max(1, n - 1),
               "eager_per_token_s": eager_s / n}
@@ -126,11 +126,9 @@ def check_greedy(engine, model, precision: str, seed: int, required: bool) -> di
     return report
 
 
-def _common_prefix(a: List[int], b: List[int]):
-    for x, y in zip(a, b):
-        if x != y:
-            return
-        yield x
+def first_difference(a: List[int], b: List[int]) -> int:
+    """Where two id lists first differ (the shorter one's length where one is a prefix)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def check_tokenizer(engine, vocab_size: int) -> dict:
@@ -146,8 +144,7 @@ def check_tokenizer(engine, vocab_size: int) -> dict:
         want = _cut_encoding(vocab_size).encode_ordinary(TOKENIZER_TEXT)
     got = engine.tokenize(TOKENIZER_TEXT)
     if got != want:
-        first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b),
-                     min(len(got), len(want)))
+        first = first_difference(got, want)
         raise VerificationError(f"llama.cpp tokenizes the check text differently from gptfn, "
                                 f"from token {first}: {got[first:first + 5]} against "
                                 f"{want[first:first + 5]}")
