@@ -10,10 +10,11 @@ Variants, same weights, dtype and prompt, interleaved in rounds after a warm-up:
 - ``eager``: ``gptfn.generate`` (static KV cache, functional core);
 - ``compiled``: the same with ``compile=True`` (decode step compiled, CUDA graphs on
   CUDA; compile time is measured apart, before the rounds);
-- ``gemv``: a matrix-vector product over a 256 MiB matrix (1 GiB on CUDA) with rows of 768
-  at the run's dtype, with the kernel gptfn's decode step uses (on the CPU in fp32:
-  ``gptfn::gemv``, OpenBLAS, where registered; else ``torch.mv``): the bandwidth a
-  batch-1 decode step can get, measured in the same rounds;
+- ``eager_bf16``, ``compiled_bf16``, ``eager_int8``, ``compiled_int8`` (CPU, fp32 runs):
+  the same model in a weight format (``gptfn.quantize``), whose products run through
+  ``gptfn::rowmul``;
+- ``gemv``: a matrix-vector product (``torch.mv``) over a 256 MiB matrix (1 GiB on CUDA)
+  with rows of 768 at the run's dtype, measured in the same rounds;
 - ``stream``: a plain sum over the same matrix: what the memory system delivers to a
   simple vectorized read;
 - the peers (``benchmarks.peers``, at batch 1 on the CPU): llama.cpp on gptfn's GGUF export
@@ -72,27 +73,37 @@ def bytes_per_step(config, max_len: int, batch: int, itemsize: float = 4,
 
 
 def bandwidth_probes(target: Target, mib: int = 256):
-    """Closures timing the GEMV kernel and a plain streaming read over ``mib`` MiB at the
-    target's dtype and device, and the bytes each reads."""
-    import gptfn.cpu_gemv  # noqa: F401  (registers gptfn::gemv where OpenBLAS is there)
-
+    """Closures timing a matrix-vector product (``torch.mv``, the BLAS route of a plain
+    model's one-row products) and a plain streaming read over ``mib`` MiB at the target's
+    dtype and device, and the bytes each reads."""
     cols = 768
     itemsize = target.dtype.itemsize
     rows = mib * (1 << 20) // (itemsize * cols)
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(rows, cols, generator=gen).to(target.device, target.dtype)
     x = torch.randn(1, cols, generator=gen).to(target.device, target.dtype)
-    if not target.is_cuda and target.dtype == torch.float32 and gptfn.cpu_gemv.available():
-        def gemv():
-            torch.ops.gptfn.gemv(x, w, True)
-    else:
-        def gemv():
-            torch.mv(w, x[0])
+
+    def gemv():
+        torch.mv(w, x[0])
 
     def stream():
         w.sum()
 
     return gemv, stream, w.numel() * itemsize
+
+
+FORMATS = ("bf16", "int8")  # the weight formats measured beside fp32
+
+
+def format_bytes(model, config) -> int:
+    """Bytes of parameters a decode step of ``model`` reads, in its own format: every
+    tensor (scales included) except ``wpe``, of which one row."""
+    from gptfn.modules import params_of
+
+    params = params_of(model)
+    total = sum(t.numel() * t.element_size() for k, t in params.items() if k != "wpe.weight")
+    wpe = params["wpe.weight"]
+    return total + wpe.size(1) * wpe.element_size()
 
 
 def _hf_compile_kwargs(target: Target) -> dict:
@@ -131,20 +142,29 @@ def bench_decode(quick: bool, rounds: int, preset: str = "gpt2", prompt_len: int
     mask = torch.ones_like(idx)
     clock = target.clock()
     ours = ["hf"] + (["hf_compiled"] if hf_compiled else []) + ["eager", "compiled"]
+    models = {"eager": model, "compiled": model}
+    if not target.is_cuda and target.dtype == torch.float32:  # weight formats: CPU, fp32 compute
+        from gptfn.quantize import quantize
+
+        for scheme in FORMATS:
+            quantized = quantize(model, scheme)
+            models.update({f"eager_{scheme}": quantized, f"compiled_{scheme}": quantized})
+    formats = [name for name in models if name not in ("eager", "compiled")]
     off = "peers run at batch 1 on the CPU" if batch_size != 1 or target.is_cuda else None
     with peer_engines(peers, peer_files, cfg, params32, torch.get_num_threads(), off,
                       log) as (engines, skipped):
-        names = ours + list(engines)
+        names = ours + formats + list(engines)
         rates: Dict[str, List[float]] = {name: [] for name in names}
         tokens: Dict[str, torch.Tensor] = {}
 
         def rate(stamps) -> float:
             return batch_size * (len(stamps) - 1) / clock.seconds(stamps[0], stamps[-1])
 
-        def run_ours(name: str, compile: bool):
+        def run_ours(name: str):
             stamps, out = [], []
+            compile = name.startswith("compiled")
             with torch.no_grad():
-                for tok in generate_tokens(model, idx, new_tokens, compile=compile):
+                for tok in generate_tokens(models[name], idx, new_tokens, compile=compile):
                     out.append(tok)
                     stamps.append(clock.stamp())
             rates[name].append(rate(stamps))
@@ -171,8 +191,10 @@ def bench_decode(quick: bool, rounds: int, preset: str = "gpt2", prompt_len: int
             f"{rounds} interleaved rounds; compiling first")
         compile_s = {}
         static = _hf_compile_kwargs(target) if hf_compiled else {}
-        for name, first in (("compiled", lambda: run_ours("compiled", True)),
-                            ("hf_compiled", lambda: run_hf("hf_compiled", static))):
+        firsts = [(name, lambda name=name: run_ours(name)) for name in models
+                  if name.startswith("compiled")]
+        firsts.append(("hf_compiled", lambda: run_hf("hf_compiled", static)))
+        for name, first in firsts:
             if name in rates:
                 t0 = time.perf_counter()
                 first()  # compile outside the timed rounds
@@ -181,8 +203,7 @@ def bench_decode(quick: bool, rounds: int, preset: str = "gpt2", prompt_len: int
         variants = {
             "hf": lambda: run_hf("hf", {}),
             "hf_compiled": lambda: run_hf("hf_compiled", static),
-            "eager": lambda: run_ours("eager", False),
-            "compiled": lambda: run_ours("compiled", True),
+            **{name: (lambda name=name: run_ours(name)) for name in models},
             "gemv": gemv,
             "stream": stream,
             **{name: (lambda name=name: run_peer(name)) for name in engines},
@@ -203,6 +224,8 @@ def bench_decode(quick: bool, rounds: int, preset: str = "gpt2", prompt_len: int
         need = bytes_per_step(cfg, prompt_len + new_tokens, batch_size, target.dtype.itemsize)
         step_bytes = need["params"] + need["cache"]
         reads = {name: step_bytes for name in ours}  # bytes a step reads, by variant
+        for name in formats:
+            reads[name] = format_bytes(models[name], cfg) + need["cache"]
         for name in engines:
             engine, precision = PEERS[name]
             peer = bytes_per_step(cfg, prompt_len + new_tokens, 1, WEIGHT_BYTES[precision],
@@ -222,6 +245,7 @@ def bench_decode(quick: bool, rounds: int, preset: str = "gpt2", prompt_len: int
                 "max_tokens_per_s": max(rates[name]),
                 "ratio_vs_hf": per_token.ratio(name, "hf"),
                 "ratio_vs_eager": per_token.ratio(name, "eager"),
+                "mb_per_token": reads[name] / 1e6,
                 "mbu": statistics.median(mbu),
                 "of_stream": statistics.median(of_stream),
             })
@@ -231,11 +255,12 @@ def bench_decode(quick: bool, rounds: int, preset: str = "gpt2", prompt_len: int
                 else "MBU against the GEMV probe")
         table = "\n".join(
             [f"| variant | decode tokens/s (median) | ms/step | min-max | vs HF | vs eager "
-             f"| MBU ({roofline_name}) | of streaming read |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             f"| MB read/step | MBU ({roofline_name}) | of streaming read |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
             + [f"| {r['variant']} | {r['tokens_per_s']:.1f} | {r['ms_per_token']:.2f} | "
                f"{r['min_tokens_per_s']:.1f}-{r['max_tokens_per_s']:.1f} | "
-               f"{r['ratio_vs_hf']:.2f}x | {r['ratio_vs_eager']:.2f}x | {r['mbu'] * 100:.0f}% | "
+               f"{r['ratio_vs_hf']:.2f}x | {r['ratio_vs_eager']:.2f}x | "
+               f"{r['mb_per_token']:.0f} | {r['mbu'] * 100:.0f}% | "
                f"{r['of_stream'] * 100:.0f}% |"
                for r in rows]
             + ["", f"{target.describe()}; {roof}. GEMV bandwidth {bw_median / 1e9:.1f} GB/s, "

@@ -117,6 +117,20 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--out", required=True, help="output directory (created if missing)")
     conv.set_defaults(func=_cmd_convert)
 
+    qz = sub.add_parser(
+        "quantize",
+        help="write a model in a weight format (bf16, fp16, int8) that gptfn runs directly",
+        description="Read a model (a checkpoint path or a cached model name) and write it with "
+        "its matrices (wte and each block's four) in a weight format: bf16 or fp16, or int8 "
+        "with one scale per output channel. Compute stays fp32. The result is model.safetensors "
+        "+ config.json (recording the format under \"quantization\"), which gptfn generate, "
+        "gptfn eval and GPTModel.from_pretrained read.",
+    )
+    qz.add_argument("--model", required=True, help="checkpoint path or model name")
+    qz.add_argument("--out", required=True, help="output directory (created if missing)")
+    qz.add_argument("--scheme", required=True, choices=["bf16", "fp16", "int8"])
+    qz.set_defaults(func=_cmd_quantize)
+
     tr = sub.add_parser(
         "train",
         help="train or fine-tune a model",
@@ -270,6 +284,27 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     out = save_params(params, args.out, config)
     print(f"wrote {out / 'model.safetensors'} and {out / 'config.json'} "
           f"({sum(t.numel() for t in params.values()):,} parameters)")
+    return 0
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gptfn.quantize import quantize
+    from gptfn.weights.resolve import load_model
+
+    source = Path(args.model).expanduser()
+    out = Path(args.out).expanduser()
+    source_dir = source if source.is_dir() else source.parent
+    if source.exists() and out.exists() and out.resolve() == source_dir.resolve():
+        raise ValueError(f"--out {out} is the directory the model is read from: "
+                         "choose another, so that the original stays")
+    model = load_model(args.model, random_hint="")
+    quantized = quantize(model, args.scheme)
+    path = quantized.save_pretrained(out)
+    size = sum(t.numel() * t.element_size() for t in quantized.state_dict().values())
+    print(f"wrote {path / 'model.safetensors'} and {path / 'config.json'} "
+          f"({args.scheme}, {size / 1e6:.1f} MB)")
     return 0
 
 

@@ -208,6 +208,7 @@ _HF_CHECKED = {
 _HF_IGNORED = frozenset(
     {
         "gptfn_save_id",  # pairs config.json with its model.safetensors (gptfn.weights.hub)
+        "quantization",  # the weight format, checked against the weights (gptfn.weights.hub)
         "predict_special_tokens",  # the hub's gpt2-medium config.json; no effect on the math
         "architectures",
         "model_type",

@@ -24,9 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from gptfn.config import GPTConfig
-from gptfn.functional.model import check_idx
 from gptfn.functional.sampling import sample_next
-from gptfn.inputs import as_token_rows
+from gptfn.inputs import as_token_rows, check_tokens
 from gptfn.kv_cache import KVCache, decode_logits, prefill
 from gptfn.modules import params_of
 
@@ -132,7 +131,7 @@ def generate_tokens(
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if idx.dim() == 2 and idx.size(1) == 0:
         raise ValueError("the prompt is empty: give at least one token")
-    check_idx(idx, config.vocab_size, config.context_length)
+    check_tokens(idx, config.vocab_size, config.context_length)
     b, t = idx.shape
     if t + max_new_tokens > config.context_length:
         raise ValueError(
@@ -150,7 +149,8 @@ def generate_tokens(
     k = top_k or 0
     p = 1.0 if top_p is None else float(top_p)
     with torch.no_grad():
-        cache = KVCache.create(config, b, t + max_new_tokens, dtype=wte.dtype, device=wte.device)
+        cache = KVCache.create(config, b, t + max_new_tokens, dtype=params["wpe.weight"].dtype,
+                               device=wte.device)  # the compute dtype (a format keeps wpe)
         if compile and wte.device.type == "cuda":
             # CUDA graphs copy inputs into static buffers at each replay unless told that
             # they keep their address: the weights and the cache (written in place) do.

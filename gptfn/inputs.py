@@ -2,7 +2,7 @@
 
 ``GPTModel.forward`` (eager), ``generate`` and ``stream`` take ``idx`` (and ``targets``,
 ``attention_mask``) as a tensor, a Python list or a numpy array. A tensor is used as it is;
-the core's ``check_idx`` then names a wrong shape, dtype or id. Anything else is converted
+``check_tokens`` then names a wrong shape, dtype or id. Anything else is converted
 here: a flat list / 1-D array is one row, (1, T); a list of equal-length lists / 2-D array
 is (B, T); integer arrays of any width become int64. Text, ragged rows and non-numbers are
 named errors. The scripted and compiled model see only tensors: TorchScript itself names the
@@ -95,6 +95,22 @@ def _from_array(value: Any, name: str) -> Tensor:
     elif arr.dtype.kind not in "fb":
         raise TypeError(f"{name} must hold ints, got an array of dtype {arr.dtype}")
     return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def check_tokens(idx: Tensor, vocab_size: int, context_length: int) -> None:
+    """The core's ``check_idx``, plus ids read back to the host so that an id outside the
+    vocabulary is a ValueError naming it. For the eager entry points (``gpt_forward``,
+    ``prefill``, ``decode_step``, ``generate``, ``GPTModel`` given a list): the read is a
+    device sync, which compiled and exported code leave to ``check_idx``'s assertion."""
+    from gptfn.functional.model import check_idx_shape
+
+    check_idx_shape(idx, context_length)
+    if idx.numel() == 0:
+        return
+    lo, hi = int(idx.min()), int(idx.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = hi if hi >= vocab_size else lo
+        raise ValueError(f"token id {bad} is outside the vocab [0, {vocab_size})")
 
 
 def require_tensor(value: Any, name: str = "idx") -> Tensor:

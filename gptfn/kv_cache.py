@@ -18,10 +18,9 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-import gptfn.cpu_gemv  # noqa: F401  (registers gptfn::gemv for one-row products)
 from gptfn.config import GPTConfig
-from gptfn.functional.model import check_idx, gpt_cached_logits
-from gptfn.inputs import require_tensor
+from gptfn.functional.model import gpt_cached_logits
+from gptfn.inputs import check_tokens, require_tensor
 
 
 @dataclass
@@ -96,7 +95,7 @@ def prefill(
 
     Shapes: idx (B, T), start (B,) -> logits (B, V).
     """
-    check_idx(require_tensor(idx, "idx"), config.vocab_size, config.context_length)
+    check_tokens(require_tensor(idx, "idx"), config.vocab_size, config.context_length)
     b, t = idx.shape
     cache.check(config, b, t)
     unpadded = start is None
@@ -126,7 +125,7 @@ def decode_step(
     Shapes: token (B,) or (B, 1), input_pos (1,) -> logits (B, V).
     """
     token = require_tensor(token, "token").view(-1, 1)  # (B,) -> (B, 1)
-    check_idx(token, config.vocab_size, config.context_length)
+    check_tokens(token, config.vocab_size, config.context_length)
     logits = decode_logits(params, token, cache.keys, cache.values, input_pos, cache.start, config)
     return logits, cache
 

@@ -20,7 +20,8 @@ from torch import Tensor, nn
 
 from gptfn import functional as F
 from gptfn.config import PRESET_ALIASES, PRESETS, GPTConfig, resolve_config
-from gptfn.inputs import as_token_rows
+from gptfn.formats import SCALE_SUFFIX, scheme_of
+from gptfn.inputs import as_token_rows, check_tokens
 from gptfn.loss import IGNORE_INDEX, linear_cross_entropy
 from gptfn.params import init_params, num_params, validate_params
 
@@ -45,9 +46,10 @@ class Linear(nn.Module):
             self.bias = nn.Parameter(torch.zeros(out_features, device=device))
         else:
             self.register_parameter("bias", None)
+        self.register_buffer("weight_scale", None)  # an int8 weight's scales (gptfn.formats)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias, self.weight_scale)
 
 
 class GELU(nn.Module):
@@ -80,7 +82,8 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.feed_forward(
-            x, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias
+            x, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias,
+            self.c_fc.weight_scale, self.c_proj.weight_scale,
         )
 
 
@@ -144,6 +147,7 @@ class MultiHeadAttention(nn.Module):
         return F.multi_head_attention(
             x, self.c_attn.weight, self.c_attn.bias, self.c_proj.weight, self.c_proj.bias,
             self.num_heads, self.dropout, self.training,
+            c_attn_scale=self.c_attn.weight_scale, c_proj_scale=self.c_proj.weight_scale,
         )
 
 
@@ -174,6 +178,10 @@ class TransformerBlock(nn.Module):
             self.mlp.c_fc.weight, self.mlp.c_fc.bias,
             self.mlp.c_proj.weight, self.mlp.c_proj.bias,
             self.num_heads, self.eps, self.dropout, self.training,
+            c_attn_scale=self.attn.c_attn.weight_scale,
+            attn_c_proj_scale=self.attn.c_proj.weight_scale,
+            c_fc_scale=self.mlp.c_fc.weight_scale,
+            mlp_c_proj_scale=self.mlp.c_proj.weight_scale,
         )
 
 
@@ -183,6 +191,7 @@ class Embedding(nn.Module):
     def __init__(self, num_embeddings: int, embed_dim: int, device=None):
         super().__init__()
         self.weight = _normal((num_embeddings, embed_dim), device)
+        self.register_buffer("weight_scale", None)  # int8 rows' scales (gptfn.formats)
 
     def forward(self, idx: Tensor) -> Tensor:
         return torch.nn.functional.embedding(idx, self.weight)
@@ -229,7 +238,19 @@ class GPTModel(nn.Module):
         """Take ``params`` (canonical keys and shapes, checked) as this model's parameters,
         without copying them."""
         validate_params(params, self.config)
-        self.load_state_dict(dict(params), strict=True, assign=True)
+        if scheme_of(params, self.config.num_layers) is None:
+            self.load_state_dict(dict(params), strict=True, assign=True)
+            return
+        from gptfn.kernels import load
+
+        load()  # the op a weight format runs through
+        for key, t in params.items():  # a format is for inference: nothing needs a gradient
+            owner, _, name = key.rpartition(".")
+            module = self.get_submodule(owner)
+            if name.endswith(SCALE_SUFFIX):
+                setattr(module, name, t)
+            else:
+                setattr(module, name, nn.Parameter(t, requires_grad=False))
 
     def forward(self, idx: Tensor, targets: Optional[Tensor] = None) -> Tensor:
         """Logits; or, given ``targets``, the mean next-token cross-entropy (a scalar),
@@ -243,16 +264,20 @@ class GPTModel(nn.Module):
         Shapes: idx (B, T) -> logits (B, T, V); targets (B, T) -> loss ().
         """
         if not torch.jit.is_scripting():
-            idx = as_token_rows(idx, "idx", self.wte.weight.device)
+            if not isinstance(idx, Tensor):  # ids from the host: name a bad one (no sync)
+                idx = as_token_rows(idx, "idx", self.wte.weight.device)
+                check_tokens(idx, self.vocab_size, self.context_length)
             if targets is not None:
                 targets = as_token_rows(targets, "targets", self.wte.weight.device)
         F.check_idx(idx, self.vocab_size, self.context_length)
         pos = torch.arange(idx.size(1), device=idx.device)  # (T,)
-        x = F.embed(idx, pos, self.wte.weight, self.wpe.weight, self.dropout, self.training)
+        x = F.embed(idx, pos, self.wte.weight, self.wpe.weight, self.dropout, self.training,
+                    self.wte.weight_scale)  # (B, T, C)
         for block in self.h:
             x = block(x)  # (B, T, C)
         if targets is None:
-            return F.lm_head(x, self.ln_f.weight, self.ln_f.bias, self.wte.weight, self.eps)
+            return F.lm_head(x, self.ln_f.weight, self.ln_f.bias, self.wte.weight, self.eps,
+                             self.wte.weight_scale)
         if targets.shape != idx.shape:
             raise ValueError(
                 f"targets must have the shape of idx {list(idx.shape)}, got {list(targets.shape)}"
@@ -262,11 +287,12 @@ class GPTModel(nn.Module):
                 f"targets must hold integer token ids (int64 or int32), got {targets.dtype}"
             )
         x = F.final_norm(x, self.ln_f.weight, self.ln_f.bias, self.eps)  # (B, T, C)
-        if not torch.jit.is_scripting():
+        plain = self.wte.weight.dtype == x.dtype and self.wte.weight_scale is None
+        if not torch.jit.is_scripting() and plain:
             return linear_cross_entropy(
                 x.flatten(0, 1), self.wte.weight, targets.flatten(), self.ignore_index
             )
-        logits = F.tied_head(x, self.wte.weight)  # (B, T, V)
+        logits = F.tied_head(x, self.wte.weight, self.wte.weight_scale)  # (B, T, V)
         return torch.nn.functional.cross_entropy(
             logits.flatten(0, 1), targets.flatten().long(), ignore_index=self.ignore_index
         )

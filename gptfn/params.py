@@ -96,34 +96,31 @@ def init_params(
 
 
 def validate_params(params: Mapping[str, Tensor], config: GPTConfig) -> None:
-    """Raise ValueError unless ``params`` has exactly the canonical keys and shapes.
+    """Raise ValueError unless ``params`` has exactly the canonical keys and shapes, in one
+    weight format (plain, or one of ``gptfn.formats``' schemes with its scales).
 
     The message lists every missing and unexpected key and every wrong shape, each with
     the expected and actual shape, so one run shows all that is wrong.
     """
+    from gptfn.formats import SCALE_SUFFIX, format_problems
+
     expected = param_shapes(config)
     problems = []
     missing = [k for k in expected if k not in params]
-    unexpected = [k for k in params if k not in expected]
+    unexpected = [k for k in params if k not in expected and not k.endswith(SCALE_SUFFIX)]
     if missing:
         problems.append(f"missing keys: {_short_list(missing)}")
     if unexpected:
         problems.append(f"unexpected keys: {_short_list(unexpected)}")
-    dtypes = set()
-    for key, shape in expected.items():
-        t = params.get(key)
-        if t is None:
-            continue
+    for key, t in params.items():
         if not isinstance(t, Tensor):
             problems.append(f"{key}: expected a tensor, got {type(t).__name__}")
-            continue
-        if tuple(t.shape) != shape:
+    for key, shape in expected.items():
+        t = params.get(key)
+        if isinstance(t, Tensor) and tuple(t.shape) != shape:
             problems.append(f"{key}: expected shape {list(shape)}, got {list(t.shape)}")
-        if not t.dtype.is_floating_point:
-            problems.append(f"{key}: expected a floating-point tensor, got {t.dtype}")
-        dtypes.add(t.dtype)
-    if len(dtypes) > 1:
-        problems.append(f"tensors have mixed dtypes {sorted(str(d) for d in dtypes)}")
+    if not problems:
+        problems = format_problems(params, config.num_layers)
     if problems:
         raise ValueError(
             f"parameters do not match the config ({_describe(config)}): " + "; ".join(problems)

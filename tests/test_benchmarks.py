@@ -122,7 +122,11 @@ def test_quick_suite_writes_reports(tmp_path):
 
     running = set(PEERS) - set(missing(list(PEERS)))
     decode = json.loads((tmp_path / "decode.json").read_text())
-    assert {r["variant"] for r in decode["rows"]} == {"hf", "eager", "compiled"} | running
+    formats = {f"{mode}_{scheme}" for mode in ("eager", "compiled") for scheme in ("bf16", "int8")}
+    assert {r["variant"] for r in decode["rows"]} == {"hf", "eager", "compiled"} | formats | running
+    assert all(r["mb_per_token"] > 0 for r in decode["rows"])
+    mb = {r["variant"]: r["mb_per_token"] for r in decode["rows"]}
+    assert mb["eager_int8"] < mb["eager_bf16"] < mb["eager"]  # each format reads its own bytes
     assert set(decode["peers_left_out"]) == set(PEERS) - running
     assert decode["agreement"]["tokens_equal_to_hf"].keys() >= running
     prefill = json.loads((tmp_path / "prefill.json").read_text())

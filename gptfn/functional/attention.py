@@ -113,6 +113,8 @@ def multi_head_attention(
     v_cache: Optional[Tensor] = None,
     input_pos: Optional[Tensor] = None,
     attn_mask: Optional[Tensor] = None,
+    c_attn_scale: Optional[Tensor] = None,
+    c_proj_scale: Optional[Tensor] = None,
 ) -> Tensor:
     """GPT-2's causal multi-head attention: fused qkv, heads in parallel, output projection.
 
@@ -126,11 +128,12 @@ def multi_head_attention(
     cache under it (see ``gptfn.functional.attention_mask``). Without it the new tokens must
     be the first ones of unpadded rows (slots 0..T-1: a prefill), and attention is causal
     over them alone, as without a cache (the fused causal kernel; no (T, T_max) mask).
+    The scales belong to int8 weights (see ``gptfn.functional.linear``).
 
     Shapes: x (B, T, d_in), c_attn_weight (d_in, 3 d_out), c_proj_weight (d_out, d_out)
     -> (B, T, d_out); caches (B, nh, T_max, hs), input_pos (T,), attn_mask (B, 1, T, T_max).
     """
-    qkv = linear(x, c_attn_weight, c_attn_bias)  # (B, T, d_in) -> (B, T, 3 d_out)
+    qkv = linear(x, c_attn_weight, c_attn_bias, c_attn_scale)  # (B, T, d_in) -> (B, T, 3 d_out)
     q, k, v = qkv.chunk(3, dim=-1)  # 3 x (B, T, d_out)
     q = split_heads(q, num_heads)  # (B, T, d_out) -> (B, nh, T, hs)
     k = split_heads(k, num_heads)  # (B, T, d_out) -> (B, nh, T, hs)
@@ -148,7 +151,7 @@ def multi_head_attention(
     else:
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # (B, nh, T, hs)
     y = merge_heads(y)  # (B, nh, T, hs) -> (B, T, d_out)
-    return linear(y, c_proj_weight, c_proj_bias)  # (B, T, d_out) -> (B, T, d_out)
+    return linear(y, c_proj_weight, c_proj_bias, c_proj_scale)  # (B, T, d_out) -> (B, T, d_out)
 
 
 def attention_mask(input_pos: Tensor, start: Tensor, max_len: int) -> Tensor:

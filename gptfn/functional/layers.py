@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+import gptfn.functional.ops  # noqa: F401  (declares gptfn::rowmul for the formats below)
+
 
 def gelu(x: Tensor) -> Tensor:
     """GPT-2's GELU, tanh approximation, written out.
@@ -37,77 +39,40 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
     return (x - mean) * torch.rsqrt(var + eps) * weight + bias
 
 
-def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+def linear(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor] = None
+) -> Tensor:
     """``x @ weight + bias`` with GPT-2's ``[in, out]`` weight layout.
 
-    Shapes: x (..., in), weight (in, out), bias (out,) or None -> (..., out).
+    The weight's format is a property of the data. A weight of ``x``'s dtype with no
+    ``scale`` is a plain product (one aten ``addmm``; autograd, any device). A weight in a
+    weight-only format — bf16 or fp16 under fp32 activations, or int8 with one fp32
+    ``scale`` per output — goes to ``gptfn::rowmul`` (``gptfn/kernels``), which reads it in
+    that format and accumulates in fp32. Those formats are made by ``gptfn.quantize``.
+
+    Shapes: x (..., in), weight (in, out), bias (out,) or None, scale (out,) or None
+    -> (..., out).
     """
-    if not torch.jit.is_scripting():
-        compiling = torch.compiler.is_compiling()
-        if one_cpu_row(x, weight, compiling):
-            if compiling:
-                y = row_product(x, weight)  # (..., in) -> (..., out), one row
-            else:
-                y = torch.ops.gptfn.gemv(x.reshape(1, -1), weight, False)  # (1, in) -> (1, out)
-                y = y.view(x.shape[:-1] + (weight.size(1),))
-            return y if bias is None else y + bias
-    # F.linear computes x @ W.T + b; W = weight.t() is a view, so this is one addmm
-    # over the contiguous [in, out] weight: no copy, no transpose.
-    return F.linear(x, weight.t(), bias)
+    if weight.dtype == x.dtype and scale is None:
+        # F.linear computes x @ W.T + b; W = weight.t() is a view, so this is one addmm
+        # over the contiguous [in, out] weight: no copy, no transpose.
+        return F.linear(x, weight.t(), bias)
+    return weight_only_product(x, weight, scale, bias, False)  # (..., in) -> (..., out)
 
 
-# Below this many weights the op's fixed cost (a numpy call, holding OpenBLAS to one
-# thread) outweighs its faster streaming (measured crossover: 2-6e5 on this CPU).
-GEMV_MIN_WEIGHT = 1 << 19
+@torch.jit.unused
+def weight_only_product(
+    x: Tensor, weight: Tensor, scale: Optional[Tensor], bias: Optional[Tensor], transposed: bool
+) -> Tensor:
+    """``gptfn::rowmul``: the product for a weight in a weight-only format.
 
+    Outside TorchScript (eager, torch.compile, torch.export). A scripted program holds no
+    reference to the op, so that a plain model's TorchScript artifact loads where gptfn's
+    kernels are not (libtorch alone); a scripted model in a weight format raises here.
 
-def one_cpu_row(x: Tensor, weight: Tensor, compiled: bool = False) -> bool:
-    """Whether a product of ``x`` with ``weight`` is one row of CPU data that streams a
-    contiguous weight of at least ``GEMV_MIN_WEIGHT`` elements with no gradient needed,
-    and so takes the bandwidth-bound route. Eager: fp32 only, to the op ``gptfn::gemv``
-    (registered by ``gptfn.cpu_gemv`` where numpy's BLAS is OpenBLAS; see that file for
-    why). ``compiled`` (under torch.compile): fp32 or bf16, to ``row_product``, which
-    inductor turns into vectorized reductions. Never true in TorchScript (callers check
-    ``torch.jit.is_scripting()`` first) or under ``torch.export``.
+    Shapes: x (..., in), weight (in, out), or (out, in) when ``transposed`` -> (..., out).
     """
-    dtypes = (torch.float32, torch.bfloat16) if compiled else (torch.float32,)
-    return (
-        not torch.compiler.is_exporting()  # exported programs stay pure aten (AOTI, C++)
-        and x.numel() == x.size(-1)
-        and weight.numel() >= GEMV_MIN_WEIGHT
-        and x.device.type == "cpu"
-        and x.dtype in dtypes
-        and weight.dtype == x.dtype
-        and weight.is_contiguous()
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        and (compiled or hasattr(torch.ops.gptfn, "gemv"))
-    )
-
-
-# Rows of the weight per slab in ``row_product``: measured on GPT-2 124M's compiled decode
-# on this CPU, 8 gave 73-78 tokens/s in fp32 and 97 in bf16 (4: 50 and 87; 16: 72 and 77;
-# 32: 67), against 58 and 61 for the BLAS routes. At GPT-2 XL's widths it only matches the
-# eager OpenBLAS route (5.4 against 5.3 tokens/s in fp32).
-ROW_SLAB = 8
-
-
-def row_product(x: Tensor, weight: Tensor) -> Tensor:
-    """``x @ weight`` for one row, written as reductions for inductor to compile.
-
-    A reduction over ``weight``'s first dimension alone reads it column-strided and
-    vectorizes poorly, and a BLAS call is opaque to the compiler. Cut into slabs of
-    ``ROW_SLAB`` contiguous rows: each slab's partial sum streams its rows (vectorized
-    along ``out``), the slabs run in parallel, and a second reduction adds the partials.
-    Accumulates in fp32.
-
-    Shapes: x (..., in) holding one row, weight (in, out) -> (..., out).
-    """
-    n_in, n_out = weight.shape
-    k = math.gcd(n_in, ROW_SLAB)  # rows per slab (divides in)
-    xs = x.reshape(n_in // k, k, 1).float()  # (1, in) -> (in/k, k, 1)
-    ws = weight.view(n_in // k, k, n_out).float()  # (in, out) -> (in/k, k, out)
-    y = (xs * ws).sum(1).sum(0)  # (in/k, k, out) -> (in/k, out) -> (out,)
-    return y.to(weight.dtype).view(x.shape[:-1] + (n_out,))
+    return torch.ops.gptfn.rowmul(x, weight, scale, bias, transposed)
 
 
 def feed_forward(
@@ -116,16 +81,19 @@ def feed_forward(
     c_fc_bias: Tensor,
     c_proj_weight: Tensor,
     c_proj_bias: Tensor,
+    c_fc_scale: Optional[Tensor] = None,
+    c_proj_scale: Optional[Tensor] = None,
 ) -> Tensor:
     """GPT-2's MLP: expand to 4C, GELU (tanh), project back to C.
 
     Uses the fused ``F.gelu(approximate="tanh")``; ``gelu`` above is the same formula.
+    The scales belong to int8 weights (see ``linear``).
 
     Shapes: x (B, T, C), c_fc_weight (C, 4C), c_proj_weight (4C, C) -> (B, T, C).
     """
-    h = linear(x, c_fc_weight, c_fc_bias)  # (B, T, C) -> (B, T, 4C)
+    h = linear(x, c_fc_weight, c_fc_bias, c_fc_scale)  # (B, T, C) -> (B, T, 4C)
     h = F.gelu(h, approximate="tanh")
-    return linear(h, c_proj_weight, c_proj_bias)  # (B, T, 4C) -> (B, T, C)
+    return linear(h, c_proj_weight, c_proj_bias, c_proj_scale)  # (B, T, 4C) -> (B, T, C)
 
 
 def dropout(x: Tensor, p: float, training: bool) -> Tensor:

@@ -18,16 +18,28 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gptfn.functional.attention import attention_mask, multi_head_attention
-from gptfn.functional.layers import dropout, feed_forward, one_cpu_row
+from gptfn.functional.layers import dropout, feed_forward, weight_only_product
 
 
 def check_idx(idx: Tensor, vocab_size: int, context_length: int) -> None:
-    """Raise ValueError unless ``idx`` is a (B, T) integer tensor of ids in the vocabulary
-    with 1 <= T <= context_length.
+    """Raise ValueError unless ``idx`` is a (B, T) integer tensor with 1 <= T <=
+    context_length, and fail (RuntimeError) unless its ids are in the vocabulary.
 
-    The value check reads the ids back (a device sync); it is skipped while torch.compile
-    traces, where a data-dependent branch would break the graph.
+    The shape checks read only metadata. The value check is ``torch._assert_async``: it
+    does not read the ids back to the host, so it costs no device sync and traces whole
+    under torch.compile and torch.export (TorchScript drops it, and ``F.embedding`` then
+    refuses the id). The eager entry points that take ids from a
+    user (``gptfn.inputs.check_tokens``) name the offending id before they get here.
     """
+    check_idx_shape(idx, context_length)
+    torch._assert_async(
+        ((idx >= 0) & (idx < vocab_size)).all(),
+        f"token ids must be in the vocab [0, {vocab_size})",
+    )
+
+
+def check_idx_shape(idx: Tensor, context_length: int) -> None:
+    """Raise ValueError unless ``idx`` is a (B, T) integer tensor, 1 <= T <= context_length."""
     if idx.dim() != 2:
         raise ValueError(f"idx must have shape (batch, seq_len), got {list(idx.shape)}")
     if idx.dtype != torch.long and idx.dtype != torch.int:
@@ -37,15 +49,6 @@ def check_idx(idx: Tensor, vocab_size: int, context_length: int) -> None:
         raise ValueError("idx is empty: seq_len must be at least 1")
     if t > context_length:
         raise ValueError(f"sequence length {t} exceeds context_length {context_length}")
-    if idx.size(0) == 0:
-        return
-    scripting = torch.jit.is_scripting()
-    if scripting or not torch.compiler.is_compiling():
-        lo = int(idx.min())
-        hi = int(idx.max())
-        if lo < 0 or hi >= vocab_size:
-            bad = hi if hi >= vocab_size else lo
-            raise ValueError(f"token id {bad} is outside the vocab [0, {vocab_size})")
 
 
 def embed(
@@ -55,12 +58,19 @@ def embed(
     wpe: Tensor,
     dropout_p: float = 0.0,
     training: bool = False,
+    wte_scale: Optional[Tensor] = None,
 ) -> Tensor:
     """Token plus position embeddings, with embedding dropout.
 
+    The activations take ``wpe``'s dtype: a token table in a weight-only format (bf16,
+    fp16, or int8 with one scale per token, ``wte_scale``) is widened row by row.
+
     Shapes: idx (B, T), pos (T,) or (B, T), wte (V, C), wpe (T_max, C) -> (B, T, C).
     """
-    x = F.embedding(idx, wte) + F.embedding(pos, wpe)  # (B, T) -> (B, T, C)
+    tok = F.embedding(idx, wte).to(wpe.dtype)  # (B, T) -> (B, T, C)
+    if wte_scale is not None:
+        tok = tok * F.embedding(idx, wte_scale.unsqueeze(1))  # (B, T, C) * (B, T, 1)
+    x = tok + F.embedding(pos, wpe)  # (B, T, C)
     return dropout(x, dropout_p, training)
 
 
@@ -86,12 +96,16 @@ def transformer_block(
     v_cache: Optional[Tensor] = None,
     input_pos: Optional[Tensor] = None,
     attn_mask: Optional[Tensor] = None,
+    c_attn_scale: Optional[Tensor] = None,
+    attn_c_proj_scale: Optional[Tensor] = None,
+    c_fc_scale: Optional[Tensor] = None,
+    mlp_c_proj_scale: Optional[Tensor] = None,
 ) -> Tensor:
     """One pre-LN GPT-2 block: x + attn(ln_1(x)), then x + mlp(ln_2(x)).
 
     Dropout (training only) acts on the attention weights and on each branch's output
     before it joins the residual stream. The cache arguments go to
-    ``multi_head_attention``.
+    ``multi_head_attention``; the scales belong to int8 weights (``linear``).
 
     Shapes: x (B, T, C) -> (B, T, C).
     """
@@ -100,19 +114,30 @@ def transformer_block(
     h = multi_head_attention(
         h, c_attn_weight, c_attn_bias, attn_c_proj_weight, attn_c_proj_bias,
         num_heads, dropout_p, training, k_cache, v_cache, input_pos, attn_mask,
+        c_attn_scale=c_attn_scale, c_proj_scale=attn_c_proj_scale,
     )  # (B, T, C)
     x = x + dropout(h, dropout_p, training)
     h = F.layer_norm(x, [c], ln_2_weight, ln_2_bias, eps)  # (B, T, C)
-    h = feed_forward(h, c_fc_weight, c_fc_bias, mlp_c_proj_weight, mlp_c_proj_bias)  # (B, T, C)
+    h = feed_forward(
+        h, c_fc_weight, c_fc_bias, mlp_c_proj_weight, mlp_c_proj_bias,
+        c_fc_scale=c_fc_scale, c_proj_scale=mlp_c_proj_scale,
+    )  # (B, T, C)
     return x + dropout(h, dropout_p, training)
 
 
-def lm_head(x: Tensor, ln_f_weight: Tensor, ln_f_bias: Tensor, wte: Tensor, eps: float) -> Tensor:
+def lm_head(
+    x: Tensor,
+    ln_f_weight: Tensor,
+    ln_f_bias: Tensor,
+    wte: Tensor,
+    eps: float,
+    wte_scale: Optional[Tensor] = None,
+) -> Tensor:
     """Final layer norm, then the output head tied to the token embedding.
 
     Shapes: x (B, T, C), wte (V, C) -> logits (B, T, V).
     """
-    return tied_head(final_norm(x, ln_f_weight, ln_f_bias, eps), wte)
+    return tied_head(final_norm(x, ln_f_weight, ln_f_bias, eps), wte, wte_scale)
 
 
 def final_norm(x: Tensor, ln_f_weight: Tensor, ln_f_bias: Tensor, eps: float) -> Tensor:
@@ -120,22 +145,16 @@ def final_norm(x: Tensor, ln_f_weight: Tensor, ln_f_bias: Tensor, eps: float) ->
     return F.layer_norm(x, [x.size(-1)], ln_f_weight, ln_f_bias, eps)
 
 
-def tied_head(x: Tensor, wte: Tensor) -> Tensor:
+def tied_head(x: Tensor, wte: Tensor, wte_scale: Optional[Tensor] = None) -> Tensor:
     """Logits from final hidden states: ``x @ wte.T``.
 
-    Shapes: x (B, T, C), wte (V, C) -> (B, T, V).
+    A table in a weight-only format goes to ``gptfn::rowmul`` as in ``linear``.
+
+    Shapes: x (B, T, C), wte (V, C), wte_scale (V,) or None -> (B, T, V).
     """
-    if not torch.jit.is_scripting():
-        compiling = torch.compiler.is_compiling()
-        if one_cpu_row(x, wte, compiling):  # one row: see gptfn/cpu_gemv.py
-            if compiling:
-                # inductor makes this one vectorized reduction over wte's contiguous rows,
-                # which streams faster than the BLAS call (benchmarks/decode.py)
-                logits = (x.unsqueeze(-2).float() * wte.float()).sum(-1)  # (B, T, 1, C) * (V, C) -> (B, T, V)
-                return logits.to(wte.dtype)
-            logits = torch.ops.gptfn.gemv(x.reshape(1, -1), wte, True)  # (1, C) -> (1, V)
-            return logits.view(x.shape[:-1] + (wte.size(0),))
-    return F.linear(x, wte)  # (B, T, C) @ (C, V) -> (B, T, V)
+    if wte.dtype == x.dtype and wte_scale is None:
+        return F.linear(x, wte)  # (B, T, C) @ (C, V) -> (B, T, V)
+    return weight_only_product(x, wte, wte_scale, None, True)  # (B, T, C) -> (B, T, V)
 
 
 def block_forward(
@@ -178,7 +197,26 @@ def block_forward(
         v_cache,
         input_pos,
         attn_mask,
+        c_attn_scale=params.get(p + "attn.c_attn.weight_scale"),
+        attn_c_proj_scale=params.get(p + "attn.c_proj.weight_scale"),
+        c_fc_scale=params.get(p + "mlp.c_fc.weight_scale"),
+        mlp_c_proj_scale=params.get(p + "mlp.c_proj.weight_scale"),
     )
+
+
+def head_of(params: Dict[str, Tensor], x: Tensor, eps: float) -> Tensor:
+    """``lm_head`` with ``params``' final norm and (tied) token table."""
+    return lm_head(
+        x, params["ln_f.weight"], params["ln_f.bias"], params["wte.weight"], eps,
+        params.get("wte.weight_scale"),
+    )
+
+
+def embed_of(params: Dict[str, Tensor], idx: Tensor, pos: Tensor,
+             dropout_p: float = 0.0, training: bool = False) -> Tensor:
+    """``embed`` with ``params``' token and position tables."""
+    return embed(idx, pos, params["wte.weight"], params["wpe.weight"], dropout_p, training,
+                 params.get("wte.weight_scale"))
 
 
 def gpt_logits(
@@ -198,10 +236,10 @@ def gpt_logits(
     """
     check_idx(idx, vocab_size, context_length)
     pos = torch.arange(idx.size(1), device=idx.device)  # (T,)
-    x = embed(idx, pos, params["wte.weight"], params["wpe.weight"], dropout_p, training)  # (B, T, C)
+    x = embed_of(params, idx, pos, dropout_p, training)  # (B, T, C)
     for i in range(num_layers):
         x = block_forward(params, i, x, num_heads, eps, dropout_p, training)  # (B, T, C)
-    return lm_head(x, params["ln_f.weight"], params["ln_f.bias"], params["wte.weight"], eps)
+    return head_of(params, x, eps)
 
 
 def gpt_cached_logits(
@@ -235,14 +273,14 @@ def gpt_cached_logits(
     mask: Optional[Tensor] = None
     if not prefix:
         mask = attention_mask(input_pos, start, k_caches[0].size(2))  # (B, 1, T, T_max)
-    x = embed(idx, pos, params["wte.weight"], params["wpe.weight"])  # (B, T, C)
+    x = embed_of(params, idx, pos)  # (B, T, C)
     for i in range(num_layers):
         x = block_forward(
             params, i, x, num_heads, eps, 0.0, False, k_caches[i], v_caches[i], input_pos, mask
         )  # (B, T, C)
     if last_only:
         x = x[:, -1:]  # (B, T, C) -> (B, 1, C)
-    return lm_head(x, params["ln_f.weight"], params["ln_f.bias"], params["wte.weight"], eps)
+    return head_of(params, x, eps)
 
 
 def gpt_forward(

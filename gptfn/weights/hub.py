@@ -33,6 +33,7 @@ from torch import Tensor
 
 from gptfn.config import GPTConfig
 from gptfn.fileio import write_together
+from gptfn.formats import quantization_entry, scheme_of
 from gptfn.params import validate_params
 from gptfn.weights.safetensors_io import load_safetensors, read_header, write_safetensors
 
@@ -178,13 +179,37 @@ def load_params(
         params = canonicalize(tensors)
         try:
             validate_params(params, config)
+            _check_recorded_format(config_path, params, config.num_layers)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
+    scheme = scheme_of(params, config.num_layers)
+    if scheme is not None:
+        if dtype not in (None, torch.float32):
+            raise ValueError(f"{path} holds weights in the {scheme} format, which computes in "
+                             f"fp32: dtype {dtype} does not apply")
+        from gptfn.kernels import load
+
+        load()  # the op the format runs through
+        dtype = None
     if dtype is not None or device is not None:
         if dtype is not None and not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
         params = {k: v.to(device=device, dtype=dtype) for k, v in params.items()}
     return config, params
+
+
+def _check_recorded_format(config_path: Path, params: Mapping[str, Tensor], layers: int) -> None:
+    """Raise ValueError unless the format ``config.json`` records is the weights' own."""
+    try:
+        doc = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return  # GPTConfig.from_json has read it already; a race is not this check's
+    entry = doc.get("quantization") if isinstance(doc, dict) else None
+    recorded = entry.get("scheme") if isinstance(entry, dict) else entry
+    actual = scheme_of(params, layers)
+    if recorded != actual:
+        raise ValueError(f"config.json records the weight format {recorded or 'plain'}, the "
+                         f"weights are {actual or 'plain'}")
 
 
 def save_params(params: Mapping[str, Tensor], path: PathLike, config: GPTConfig) -> Path:
@@ -205,7 +230,10 @@ def save_params(params: Mapping[str, Tensor], path: PathLike, config: GPTConfig)
         directory.mkdir(parents=True, exist_ok=True)
         weights = directory / WEIGHTS_NAME
     save_id = uuid.uuid4().hex
-    config_text = json.dumps(config.to_hf_dict() | {SAVE_ID: save_id}, indent=2) + "\n"
+    scheme = scheme_of(params, config.num_layers)
+    recorded = {"quantization": quantization_entry(scheme)} if scheme else {}
+    config_text = json.dumps(config.to_hf_dict() | recorded | {SAVE_ID: save_id}, indent=2)
+    config_text += "\n"
     metadata = {"format": "pt", SAVE_ID: save_id, SAVED_CONFIG: config_text}
     write_together([
         (weights, lambda tmp: write_safetensors(params, tmp, metadata)),

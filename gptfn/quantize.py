@@ -1,0 +1,93 @@
+"""The transform into a weight format: ``gptfn.quantize(model_or_params, scheme)``.
+
+``bf16`` / ``fp16`` round the matrices to that dtype. ``int8`` is symmetric, one fp32 scale
+per output channel (``scale = max |w| / 127`` over the channel, ``q = round(w / scale)``),
+the layout ``gptfn.formats`` describes. Everything else is kept in fp32. The result runs
+through ``gptfn::rowmul`` (``gptfn/kernels``), whose library this loads.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Dict, Mapping, Union
+
+import torch
+from torch import Tensor
+
+from gptfn.formats import (SCALE_SUFFIX, SCHEMES, matrix_keys, output_dim, scale_key,
+                           scheme_of, stored_dtype)
+
+
+def num_layers_of(params: Mapping[str, Tensor]) -> int:
+    """The number of blocks in a canonical parameter dict."""
+    found = {int(m.group(1)) for k in params if (m := re.match(r"h\.(\d+)\.", k))}
+    return max(found) + 1 if found else 0
+
+
+def quantize_params(params: Mapping[str, Tensor], scheme: str) -> Dict[str, Tensor]:
+    """A new parameter dict with ``params``' matrices in ``scheme`` (see the module
+    docstring). ``params`` must be plain (one floating dtype); they are not modified."""
+    from gptfn.kernels import load
+
+    want = stored_dtype(scheme)
+    layers = num_layers_of(params)
+    if scheme_of(params, layers) is not None:
+        raise ValueError(f"the parameters are already in the {scheme_of(params, layers)} "
+                         "format: quantize a plain (fp32) model")
+    load()
+    matrices = set(matrix_keys(layers))
+    out: Dict[str, Tensor] = {}
+    for key, t in params.items():
+        w = t.detach().float()
+        if key not in matrices:
+            out[key] = w
+        elif scheme == "int8":
+            out[key], out[scale_key(key)] = int8_per_channel(w, output_dim(key))
+        else:
+            out[key] = w.to(want)
+    return out
+
+
+def int8_per_channel(w: Tensor, dim: int):
+    """Symmetric int8 with one scale per index of ``dim``: ``(q, scale)``, ``q * scale ~ w``.
+
+    Shapes: w (R, S) -> q (R, S) int8, scale (w.size(dim),) fp32.
+    """
+    other = 1 - dim
+    amax = w.abs().amax(dim=other)  # (w.size(dim),)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = torch.round(w / scale.unsqueeze(other)).clamp_(-127, 127).to(torch.int8)
+    return q.contiguous(), scale.contiguous()
+
+
+def dequantize_params(params: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+    """The plain fp32 parameters a format stands for (each matrix widened and scaled)."""
+    out: Dict[str, Tensor] = {}
+    for key, t in params.items():
+        if key.endswith(SCALE_SUFFIX):
+            continue
+        w = t.float()
+        scale = params.get(scale_key(key))
+        if scale is not None:
+            w = w * scale.unsqueeze(1 - output_dim(key))
+        out[key] = w
+    return out
+
+
+def quantize(model_or_params: Union["torch.nn.Module", Mapping[str, Tensor]], scheme: str):
+    """``model_or_params`` in weight format ``scheme`` (``bf16``, ``fp16`` or ``int8``): a new
+    ``GPTModel`` for a model, a new dict for a parameter dict. The input is not modified."""
+    from gptfn.modules import GPTModel, params_of
+
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown weight format {scheme!r}: choose one of {', '.join(SCHEMES)}")
+    if isinstance(model_or_params, Mapping):
+        return quantize_params(model_or_params, scheme)
+    model = getattr(model_or_params, "_orig_mod", model_or_params)
+    if not isinstance(model, GPTModel):
+        raise TypeError(f"quantize takes a GPTModel or a parameter dict, got "
+                        f"{type(model_or_params).__name__}")
+    if any(t.device.type != "cpu" for t in params_of(model).values()):
+        raise ValueError("weight formats run on the CPU: move the model there first")
+    quantized = GPTModel(model.config, params=quantize_params(params_of(model), scheme))
+    return quantized.train(model.training)
