@@ -11,8 +11,8 @@ Variants, same weights, dtype and prompt, interleaved in rounds after a warm-up:
 - ``compiled``: the same with ``compile=True`` (decode step compiled, CUDA graphs on
   CUDA; compile time is measured apart, before the rounds);
 - ``eager_bf16``, ``compiled_bf16``, ``eager_int8``, ``compiled_int8`` (CPU, fp32 runs):
-  the same model in a weight format (``gptfn.quantize``), whose products run through
-  ``gptfn::rowmul``;
+  the same model in a weight format (``gptfn.quantize``); generation runs its decode step
+  through gptfn's kernel (``gptfn.kernels.route``), as captured or compiled by inductor;
 - ``gemv``: a matrix-vector product (``torch.mv``) over a 256 MiB matrix (1 GiB on CUDA)
   with rows of 768 at the run's dtype, measured in the same rounds;
 - ``stream``: a plain sum over the same matrix: what the memory system delivers to a

@@ -26,6 +26,7 @@ from torch import Tensor
 SCHEMES = ("bf16", "fp16", "int8")
 SCALE_SUFFIX = "_scale"
 _STORED = {"bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
+_SCHEME_OF = {dtype: scheme for scheme, dtype in _STORED.items()}
 _BLOCK_MATRICES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
                    "mlp.c_proj.weight")
 
@@ -53,13 +54,14 @@ def stored_dtype(scheme: str) -> torch.dtype:
     return _STORED[scheme]
 
 
-def scheme_of(params: Mapping[str, Tensor], num_layers: int) -> Optional[str]:
+def scheme_of(params: Mapping[str, Tensor]) -> Optional[str]:
     """The scheme ``params``' matrices are stored in, or None for a plain dict (matrices in
-    the dtype of ``wpe.weight``, the compute dtype). Assumes ``format_problems`` is empty."""
+    the dtype of ``wpe.weight``, the compute dtype). Assumes ``format_problems`` is empty:
+    every matrix is in ``wte``'s format."""
     wte, compute = params["wte.weight"], params["wpe.weight"].dtype
     if wte.dtype == compute and scale_key("wte.weight") not in params:
         return None
-    return {v: k for k, v in _STORED.items()}[wte.dtype]
+    return _SCHEME_OF[wte.dtype]
 
 
 def format_problems(params: Mapping[str, Tensor], num_layers: int) -> List[str]:
@@ -80,8 +82,8 @@ def format_problems(params: Mapping[str, Tensor], num_layers: int) -> List[str]:
         t = params[key]
         if t.dtype == compute:
             kind = "plain"
-        elif t.dtype in (torch.bfloat16, torch.float16, torch.int8) and compute == torch.float32:
-            kind = {v: k for k, v in _STORED.items()}[t.dtype]
+        elif t.dtype in _SCHEME_OF and compute == torch.float32:
+            kind = _SCHEME_OF[t.dtype]
         else:
             problems.append(f"{key}: expected a floating-point tensor of the model's dtype "
                             f"{compute} or a weight format (bf16, fp16, int8), got {t.dtype}")

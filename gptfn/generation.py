@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from gptfn.config import GPTConfig
+from gptfn.formats import scheme_of
 from gptfn.functional.sampling import sample_next
 from gptfn.inputs import as_token_rows, check_tokens
 from gptfn.kv_cache import KVCache, decode_logits, prefill
@@ -100,9 +101,39 @@ def _pad_starts(attention_mask: Optional[Tensor], idx: Tensor) -> Optional[Tenso
     return start
 
 
-def _compiled_decode(device: torch.device) -> Callable[..., Tensor]:
+def decode_function(params: Mapping[str, Tensor], config: GPTConfig,
+                    compile: bool) -> Callable[..., Tensor]:
+    """The decode step generation runs: ``decode_logits`` itself, or compiled.
+
+    This is where the route for a weight format is chosen, once: on the CPU, a model whose
+    matrices are in a format (``gptfn.formats``) gets its products rewritten onto gptfn's
+    kernel (``gptfn.kernels.route``), then run as it is or, with ``compile``, by inductor.
+    The prompt's prefill keeps the core's plain products (many rows: compute-bound).
+    """
+    device = params["wte.weight"].device
+    if device.type == "cpu" and scheme_of(params) is not None:
+        from gptfn.kernels import route
+
+        if compile:
+            return torch.compile(_decode_compiled_with_kernels, fullgraph=True, dynamic=False,
+                                 backend=route.rowmul_inductor)
+        # shapes may vary (batch, cache length): captured once more as dynamic, not per size
+        return torch.compile(_decode_with_kernels, fullgraph=True, dynamic=None,
+                             backend=route.rowmul_eager)
+    if not compile:
+        return decode_logits
     mode = "reduce-overhead" if device.type == "cuda" else None
     return torch.compile(decode_logits, fullgraph=True, dynamic=False, mode=mode)
+
+
+# One function per route, so that each route's captures (torch.compile caches them by code
+# object) have their own recompile budget rather than sharing decode_logits'.
+def _decode_with_kernels(*args) -> Tensor:
+    return decode_logits(*args)
+
+
+def _decode_compiled_with_kernels(*args) -> Tensor:
+    return decode_logits(*args)
 
 
 def generate_tokens(
@@ -145,7 +176,7 @@ def generate_tokens(
     wte = params["wte.weight"]
     idx = idx.to(wte.device)
     start = _pad_starts(attention_mask, idx)
-    decode = _compiled_decode(wte.device) if compile else decode_logits
+    decode = decode_function(params, config, compile)
     k = top_k or 0
     p = 1.0 if top_p is None else float(top_p)
     with torch.no_grad():

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from gptfn.config import GPTConfig
+from gptfn.formats import SCALE_SUFFIX, format_problems
 
 Shape = Tuple[int, ...]
 
@@ -102,8 +103,6 @@ def validate_params(params: Mapping[str, Tensor], config: GPTConfig) -> None:
     The message lists every missing and unexpected key and every wrong shape, each with
     the expected and actual shape, so one run shows all that is wrong.
     """
-    from gptfn.formats import SCALE_SUFFIX, format_problems
-
     expected = param_shapes(config)
     problems = []
     missing = [k for k in expected if k not in params]

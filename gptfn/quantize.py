@@ -3,7 +3,7 @@
 ``bf16`` / ``fp16`` round the matrices to that dtype. ``int8`` is symmetric, one fp32 scale
 per output channel (``scale = max |w| / 127`` over the channel, ``q = round(w / scale)``),
 the layout ``gptfn.formats`` describes. Everything else is kept in fp32. The result runs
-through ``gptfn::rowmul`` (``gptfn/kernels``), whose library this loads.
+wherever the core runs; ``gptfn.kernels`` is the faster route a caller may choose for it.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Dict, Mapping, Union
 import torch
 from torch import Tensor
 
-from gptfn.formats import (SCALE_SUFFIX, SCHEMES, matrix_keys, output_dim, scale_key,
+from gptfn.formats import (SCALE_SUFFIX, matrix_keys, output_dim, scale_key,
                            scheme_of, stored_dtype)
 
 
@@ -27,15 +27,11 @@ def num_layers_of(params: Mapping[str, Tensor]) -> int:
 def quantize_params(params: Mapping[str, Tensor], scheme: str) -> Dict[str, Tensor]:
     """A new parameter dict with ``params``' matrices in ``scheme`` (see the module
     docstring). ``params`` must be plain (one floating dtype); they are not modified."""
-    from gptfn.kernels import load
-
     want = stored_dtype(scheme)
-    layers = num_layers_of(params)
-    if scheme_of(params, layers) is not None:
-        raise ValueError(f"the parameters are already in the {scheme_of(params, layers)} "
+    if scheme_of(params) is not None:
+        raise ValueError(f"the parameters are already in the {scheme_of(params)} "
                          "format: quantize a plain (fp32) model")
-    load()
-    matrices = set(matrix_keys(layers))
+    matrices = set(matrix_keys(num_layers_of(params)))
     out: Dict[str, Tensor] = {}
     for key, t in params.items():
         w = t.detach().float()
@@ -79,15 +75,14 @@ def quantize(model_or_params: Union["torch.nn.Module", Mapping[str, Tensor]], sc
     ``GPTModel`` for a model, a new dict for a parameter dict. The input is not modified."""
     from gptfn.modules import GPTModel, params_of
 
-    if scheme not in SCHEMES:
-        raise ValueError(f"unknown weight format {scheme!r}: choose one of {', '.join(SCHEMES)}")
     if isinstance(model_or_params, Mapping):
         return quantize_params(model_or_params, scheme)
     model = getattr(model_or_params, "_orig_mod", model_or_params)
     if not isinstance(model, GPTModel):
         raise TypeError(f"quantize takes a GPTModel or a parameter dict, got "
                         f"{type(model_or_params).__name__}")
-    if any(t.device.type != "cpu" for t in params_of(model).values()):
+    params = params_of(model)
+    if any(t.device.type != "cpu" for t in params.values()):
         raise ValueError("weight formats run on the CPU: move the model there first")
-    quantized = GPTModel(model.config, params=quantize_params(params_of(model), scheme))
+    quantized = GPTModel(model.config, params=quantize_params(params, scheme))
     return quantized.train(model.training)

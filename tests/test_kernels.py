@@ -6,7 +6,8 @@ import torch
 
 from gptfn import GPTModel
 from gptfn.generation import generate
-from gptfn.kernels import load
+from gptfn.kernels import load, route
+from gptfn.scripting import script
 from gptfn.quantize import dequantize_params, int8_per_channel, quantize
 from tests.helpers import random_idx, tiny_config
 
@@ -52,7 +53,7 @@ def test_rowmul_refuses_what_it_cannot_compute():
 
 
 @pytest.mark.parametrize("scheme", ["bf16", "int8"])
-def test_a_format_runs_its_kernel_eager_compiled_and_exported(scheme):
+def test_the_core_runs_a_format_in_plain_aten_everywhere(scheme):
     cfg = tiny_config()
     model = quantize(GPTModel(cfg, seed=0).eval(), scheme)
     idx = random_idx(cfg, 2, 5)
@@ -60,19 +61,40 @@ def test_a_format_runs_its_kernel_eager_compiled_and_exported(scheme):
         eager = model(idx)
         plain = GPTModel(cfg, params=dequantize_params(model.state_dict())).eval()(idx)
         torch.testing.assert_close(eager, plain, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(script(model)(idx), eager, atol=1e-5, rtol=1e-5)
         compiled = torch.compile(model, fullgraph=True)(idx)
         torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
         program = torch.export.export(model, (idx,))
-    calls = [n for n in program.graph.nodes if n.target is torch.ops.gptfn.rowmul.default]
-    assert len(calls) == 4 * cfg.num_layers + 1  # every matrix and the tied head take it
-    torch.testing.assert_close(program.module()(idx), eager, atol=1e-5, rtol=1e-5)
-    assert torch.equal(generate(model, idx, 6, compile=True), generate(model, idx, 6))
-
-
-def test_a_plain_model_never_calls_the_kernel():
-    cfg = tiny_config()
-    program = torch.export.export(GPTModel(cfg, seed=0).eval(), (random_idx(cfg, 1, 4),))
+    # the core never calls gptfn's op: the kernel is a caller's choice (gptfn.kernels.route)
     assert not [n for n in program.graph.nodes if "gptfn" in str(n.target)]
+    torch.testing.assert_close(program.module()(idx), eager, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scheme", ["bf16", "fp16", "int8"])
+def test_generation_takes_the_kernel_route_for_a_format(scheme, monkeypatch):
+    cfg = tiny_config()
+    model = quantize(GPTModel(cfg, seed=0).eval(), scheme)
+    idx = random_idx(cfg, 2, 5)
+    rewritten = []
+    real = route.rewrite
+    monkeypatch.setattr(route, "rewrite", lambda gm: rewritten.append(real(gm)) or rewritten[-1])
+    torch._dynamo.reset()
+    eager = generate(model, idx, 6)
+    assert rewritten == [4 * cfg.num_layers + 1]  # every matrix and the tied head
+    assert torch.equal(generate(model, idx, 6, compile=True), eager)
+    assert rewritten[-1] == 4 * cfg.num_layers + 1
+    with torch.no_grad():  # the route computes what the core computes
+        logits = model(torch.cat([idx, eager[:, 5:]], 1))
+    assert torch.equal(logits[:, 4:-1].argmax(-1), eager[:, 5:])
+
+
+def test_a_plain_model_is_not_rewritten(monkeypatch):
+    cfg = tiny_config()
+    seen = []
+    monkeypatch.setattr(route, "rewrite", lambda gm: seen.append(gm))
+    torch._dynamo.reset()
+    generate(GPTModel(cfg, seed=0).eval(), random_idx(cfg, 1, 4), 3, compile=True)
+    assert not seen
 
 
 def test_formats_refuse_misuse(tmp_path):
@@ -98,3 +120,17 @@ def test_formats_refuse_misuse(tmp_path):
     config.write_text(config.read_text().replace('"scheme": "int8"', '"scheme": "bf16"'))
     with pytest.raises(ValueError, match="records the weight format bf16, the weights are int8"):
         GPTModel.from_pretrained(tmp_path)
+
+
+def test_the_eager_route_takes_any_number_of_shapes():
+    """Batch sizes and lengths vary between calls: past the second, the route's capture is
+    dynamic instead of one more per shape (torch.compile's limit is 8 per function)."""
+    cfg = tiny_config()
+    model = quantize(GPTModel(cfg, seed=0).eval(), "int8")
+    torch._dynamo.reset()
+    for rows in range(1, 11):
+        idx = random_idx(cfg, rows, 2 + rows % 3)
+        out = generate(model, idx, 2 + rows % 4)
+        with torch.no_grad():
+            logits = model(out[:, :-1])
+        assert torch.equal(logits[:, idx.size(1) - 1:].argmax(-1), out[:, idx.size(1):])

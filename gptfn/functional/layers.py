@@ -13,8 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-import gptfn.functional.ops  # noqa: F401  (declares gptfn::rowmul for the formats below)
-
 
 def gelu(x: Tensor) -> Tensor:
     """GPT-2's GELU, tanh approximation, written out.
@@ -44,11 +42,13 @@ def linear(
 ) -> Tensor:
     """``x @ weight + bias`` with GPT-2's ``[in, out]`` weight layout.
 
-    The weight's format is a property of the data. A weight of ``x``'s dtype with no
-    ``scale`` is a plain product (one aten ``addmm``; autograd, any device). A weight in a
-    weight-only format — bf16 or fp16 under fp32 activations, or int8 with one fp32
-    ``scale`` per output — goes to ``gptfn::rowmul`` (``gptfn/kernels``), which reads it in
-    that format and accumulates in fp32. Those formats are made by ``gptfn.quantize``.
+    The weight's format is a property of the data (``gptfn.formats``). A weight of ``x``'s
+    dtype with no ``scale`` is one aten ``addmm``. A weight in a weight-only format (bf16 or
+    fp16 under fp32 activations, or int8 with one fp32 ``scale`` per output) is widened to
+    ``x``'s dtype, multiplied, then scaled per output: plain aten too, so every format runs
+    wherever the core runs (eager, TorchScript, torch.compile, torch.export). A faster
+    kernel for a format is the caller's choice, made outside the core (``gptfn.kernels``
+    rewrites this product in the graph it compiles).
 
     Shapes: x (..., in), weight (in, out), bias (out,) or None, scale (out,) or None
     -> (..., out).
@@ -57,22 +57,10 @@ def linear(
         # F.linear computes x @ W.T + b; W = weight.t() is a view, so this is one addmm
         # over the contiguous [in, out] weight: no copy, no transpose.
         return F.linear(x, weight.t(), bias)
-    return weight_only_product(x, weight, scale, bias, False)  # (..., in) -> (..., out)
-
-
-@torch.jit.unused
-def weight_only_product(
-    x: Tensor, weight: Tensor, scale: Optional[Tensor], bias: Optional[Tensor], transposed: bool
-) -> Tensor:
-    """``gptfn::rowmul``: the product for a weight in a weight-only format.
-
-    Outside TorchScript (eager, torch.compile, torch.export). A scripted program holds no
-    reference to the op, so that a plain model's TorchScript artifact loads where gptfn's
-    kernels are not (libtorch alone); a scripted model in a weight format raises here.
-
-    Shapes: x (..., in), weight (in, out), or (out, in) when ``transposed`` -> (..., out).
-    """
-    return torch.ops.gptfn.rowmul(x, weight, scale, bias, transposed)
+    y = F.linear(x, weight.to(x.dtype).t())  # (..., in) @ (in, out) -> (..., out)
+    if scale is not None:
+        y = y * scale  # one scale per output channel
+    return y if bias is None else y + bias
 
 
 def feed_forward(

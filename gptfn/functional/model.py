@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gptfn.functional.attention import attention_mask, multi_head_attention
-from gptfn.functional.layers import dropout, feed_forward, weight_only_product
+from gptfn.functional.layers import dropout, feed_forward
 
 
 def check_idx(idx: Tensor, vocab_size: int, context_length: int) -> None:
@@ -148,13 +148,14 @@ def final_norm(x: Tensor, ln_f_weight: Tensor, ln_f_bias: Tensor, eps: float) ->
 def tied_head(x: Tensor, wte: Tensor, wte_scale: Optional[Tensor] = None) -> Tensor:
     """Logits from final hidden states: ``x @ wte.T``.
 
-    A table in a weight-only format goes to ``gptfn::rowmul`` as in ``linear``.
+    A table in a weight-only format is widened and scaled per row, as in ``linear``.
 
     Shapes: x (B, T, C), wte (V, C), wte_scale (V,) or None -> (B, T, V).
     """
     if wte.dtype == x.dtype and wte_scale is None:
         return F.linear(x, wte)  # (B, T, C) @ (C, V) -> (B, T, V)
-    return weight_only_product(x, wte, wte_scale, None, True)  # (B, T, C) -> (B, T, V)
+    logits = F.linear(x, wte.to(x.dtype))  # (B, T, C) @ (C, V) -> (B, T, V)
+    return logits if wte_scale is None else logits * wte_scale  # one scale per token
 
 
 def block_forward(

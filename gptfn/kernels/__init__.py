@@ -1,12 +1,11 @@
 """gptfn's C++ kernels: the op ``gptfn::rowmul`` (see ``rowmul.cpp``), which multiplies
 activations by a weight stored in a weight-only format (bf16, fp16, int8 + scales).
 
-The kernels are compiled on first use, once per machine and torch version, by torch's
-extension builder (a C++ compiler and ninja are needed; the build takes about a minute),
-and loaded from that build afterwards. ``load()`` is called by whatever creates or reads
-weights in such a format (``gptfn.formats.quantize_params``, the checkpoint loader), so
-a model in a weight-only format always finds its op. Nothing here changes which route a
-plain fp32 model takes.
+The core never calls it. A caller that wants it for a model in a format compiles its
+function with a backend of ``gptfn.kernels.route`` (generation does, for its decode step),
+which loads the op and rewrites the core's plain products onto it. The library is compiled
+on first ``load()``, once per machine and torch version, by torch's extension builder (a
+C++ compiler and ninja are needed; about 20 s), and loaded from that build afterwards.
 """
 
 from __future__ import annotations
@@ -18,8 +17,6 @@ import sys
 from pathlib import Path
 
 import torch
-
-import gptfn.functional.ops  # noqa: F401  (the schema the library implements)
 
 SOURCE = Path(__file__).with_name("rowmul.cpp")
 

@@ -291,14 +291,6 @@ at::Tensor rowmul(const at::Tensor& x, const at::Tensor& weight,
   return y.view(shape);
 }
 
-// Other devices (CUDA): the same result through a dequantized copy and the device's BLAS.
-at::Tensor rowmul_any(const at::Tensor& x, const at::Tensor& weight,
-                      const c10::optional<at::Tensor>& scale,
-                      const c10::optional<at::Tensor>& bias, bool transposed) {
-  at::Tensor y = at::matmul(x, dequantized(weight, scale, transposed).to(x.scalar_type()));
-  return bias.has_value() ? y + *bias : y;
-}
-
 at::Tensor rowmul_meta(const at::Tensor& x, const at::Tensor& weight,
                        const c10::optional<at::Tensor>& scale,
                        const c10::optional<at::Tensor>& bias, bool transposed) {
@@ -309,16 +301,10 @@ at::Tensor rowmul_meta(const at::Tensor& x, const at::Tensor& weight,
 
 }  // namespace
 
-// Python declares the op's schema with the core (gptfn/functional/ops.py); a program
-// without Python (a C++ runner) compiles this file with GPTFN_DEFINE_OPS instead.
-#ifdef GPTFN_DEFINE_OPS
 TORCH_LIBRARY(gptfn, m) {
   m.def("rowmul(Tensor x, Tensor weight, Tensor? scale, Tensor? bias, bool transposed) -> Tensor");
 }
-#endif
 
 TORCH_LIBRARY_IMPL(gptfn, CPU, m) { m.impl("rowmul", rowmul); }
-
-TORCH_LIBRARY_IMPL(gptfn, CompositeExplicitAutograd, m) { m.impl("rowmul", rowmul_any); }
 
 TORCH_LIBRARY_IMPL(gptfn, Meta, m) { m.impl("rowmul", rowmul_meta); }

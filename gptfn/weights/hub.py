@@ -179,17 +179,14 @@ def load_params(
         params = canonicalize(tensors)
         try:
             validate_params(params, config)
-            _check_recorded_format(config_path, params, config.num_layers)
+            _check_recorded_format(config_path, params)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
-    scheme = scheme_of(params, config.num_layers)
+    scheme = scheme_of(params)
     if scheme is not None:
         if dtype not in (None, torch.float32):
             raise ValueError(f"{path} holds weights in the {scheme} format, which computes in "
                              f"fp32: dtype {dtype} does not apply")
-        from gptfn.kernels import load
-
-        load()  # the op the format runs through
         dtype = None
     if dtype is not None or device is not None:
         if dtype is not None and not dtype.is_floating_point:
@@ -198,7 +195,7 @@ def load_params(
     return config, params
 
 
-def _check_recorded_format(config_path: Path, params: Mapping[str, Tensor], layers: int) -> None:
+def _check_recorded_format(config_path: Path, params: Mapping[str, Tensor]) -> None:
     """Raise ValueError unless the format ``config.json`` records is the weights' own."""
     try:
         doc = json.loads(config_path.read_text(encoding="utf-8"))
@@ -206,7 +203,7 @@ def _check_recorded_format(config_path: Path, params: Mapping[str, Tensor], laye
         return  # GPTConfig.from_json has read it already; a race is not this check's
     entry = doc.get("quantization") if isinstance(doc, dict) else None
     recorded = entry.get("scheme") if isinstance(entry, dict) else entry
-    actual = scheme_of(params, layers)
+    actual = scheme_of(params)
     if recorded != actual:
         raise ValueError(f"config.json records the weight format {recorded or 'plain'}, the "
                          f"weights are {actual or 'plain'}")
@@ -230,7 +227,7 @@ def save_params(params: Mapping[str, Tensor], path: PathLike, config: GPTConfig)
         directory.mkdir(parents=True, exist_ok=True)
         weights = directory / WEIGHTS_NAME
     save_id = uuid.uuid4().hex
-    scheme = scheme_of(params, config.num_layers)
+    scheme = scheme_of(params)
     recorded = {"quantization": quantization_entry(scheme)} if scheme else {}
     config_text = json.dumps(config.to_hf_dict() | recorded | {SAVE_ID: save_id}, indent=2)
     config_text += "\n"

@@ -1,0 +1,117 @@
+"""The caller's fast route for weight formats: a graph rewrite onto ``gptfn::rowmul``.
+
+The core multiplies by a weight in a format in plain aten (``gptfn.functional.linear``):
+widen the weight to the activations' dtype, multiply, scale per output, add the bias. That
+runs anywhere, but it widens every weight on every call. A caller that wants gptfn's kernel
+compiles its function with one of the backends below, once: the graph torch.compile
+captures is rewritten so that each such product — ``linear(x, w.to(dtype).t())``, then
+``* scale`` and ``+ bias`` where present (``linear(x, w.to(dtype))`` for the tied head) — is
+one ``rowmul(x, w, scale, bias, transposed)``, which reads the weight in its own format.
+``rowmul_eager`` then runs the rewritten graph as it is, ``rowmul_inductor`` hands it to
+inductor. Plain products (weights in the activations' dtype) are left alone.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import List, Optional
+
+import torch
+from torch import fx
+
+_LINEAR = (torch._C._nn.linear, torch.nn.functional.linear)
+_FORMATS = (torch.bfloat16, torch.float16, torch.int8)
+
+
+def _value(node) -> Optional[torch.Tensor]:
+    """The example tensor torch.compile recorded for a node (a fake tensor), if any."""
+    value = node.meta.get("example_value") if isinstance(node, fx.Node) else None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _method(node, name: str) -> bool:
+    return (isinstance(node, fx.Node) and node.op == "call_method" and node.target == name
+            and len(node.users) == 1)
+
+
+def _only_user(node: fx.Node, target) -> Optional[fx.Node]:
+    """``node``'s one user if it calls ``target``."""
+    if len(node.users) != 1:
+        return None
+    user = next(iter(node.users))
+    return user if user.op == "call_function" and user.target is target else None
+
+
+def _per_output(user: fx.Node, node: fx.Node, n_out: int) -> Optional[fx.Node]:
+    """The other operand of a binary ``user`` of ``node``, if it is one fp32 value per output."""
+    if len(user.args) != 2 or user.kwargs:
+        return None
+    other = user.args[1] if user.args[0] is node else user.args[0]
+    value = _value(other)
+    if value is None or other is node or value.shape != (n_out,) or value.dtype != torch.float32:
+        return None
+    return other
+
+
+def rewrite(gm: fx.GraphModule) -> int:
+    """Put ``gptfn::rowmul`` in place of each format product in ``gm``; return how many."""
+    graph = gm.graph
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    count = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in _LINEAR or len(node.args) != 2:
+            continue
+        x, widened = node.args
+        transposed = not _method(widened, "t")
+        dropped: List[fx.Node] = [] if transposed else [widened]
+        widened = widened if transposed else widened.args[0]
+        if not _method(widened, "to"):
+            continue
+        weight, xv, out = widened.args[0], _value(x), _value(node)
+        wv = _value(weight)
+        if (wv is None or xv is None or out is None or wv.dtype not in _FORMATS
+                or xv.dtype != torch.float32 or xv.device.type != "cpu" or wv.dim() != 2):
+            continue
+        dropped += [widened, node]
+        end, scale, bias, n_out = node, None, None, out.shape[-1]
+        mul = _only_user(end, operator.mul)
+        if mul is not None and (scale := _per_output(mul, end, n_out)) is not None:
+            dropped.append(mul)
+            end = mul
+        add = _only_user(end, operator.add)
+        if add is not None and (bias := _per_output(add, end, n_out)) is not None:
+            dropped.append(add)
+            end = add
+        with graph.inserting_before(end):
+            fused = graph.call_function(torch.ops.gptfn.rowmul.default,
+                                        (x, weight, scale, bias, transposed))
+        fused.meta.update(end.meta)
+        end.replace_all_uses_with(fused)
+        for old in sorted(dropped, key=order.get, reverse=True):  # users before their inputs
+            graph.erase_node(old)
+        count += 1
+    if count:
+        graph.lint()
+        gm.recompile()
+    return count
+
+
+def rowmul_eager(gm: fx.GraphModule, example_inputs):
+    """A torch.compile backend: the captured graph with ``rewrite`` applied, run as it is."""
+    _rewrite_loaded(gm)
+    return gm.forward
+
+
+def rowmul_inductor(gm: fx.GraphModule, example_inputs):
+    """A torch.compile backend: ``rewrite``, then inductor."""
+    from torch._inductor.compile_fx import compile_fx
+
+    _rewrite_loaded(gm)
+    return compile_fx(gm, example_inputs)
+
+
+def _rewrite_loaded(gm: fx.GraphModule) -> None:
+    from gptfn.kernels import load
+
+    load()
+    rewrite(gm)
