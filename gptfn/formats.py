@@ -6,7 +6,8 @@ exported code all read it the same way (``gptfn.functional.linear`` looks at the
 - plain (no scheme): every tensor in one floating dtype, which is also the compute dtype.
 - ``bf16`` / ``fp16``: the matrices are stored in that dtype; everything else (norms,
   biases, ``wpe``) stays fp32, and activations and accumulation are fp32.
-- ``int8``: the matrices are int8, symmetric, with one fp32 scale per output channel under
+- ``int8``: the matrices are int8, symmetric (values in [-127, 127]), with one fp32 scale
+  per output channel under
   ``<key>_scale``: a Conv1D weight ``[in, out]`` has a scale of shape ``(out,)``; the token
   table ``wte [V, C]`` one per row, ``(V,)``, which serves both the embedding (a row) and the
   tied head (an output).
@@ -91,6 +92,9 @@ def format_problems(params: Mapping[str, Tensor], num_layers: int) -> List[str]:
         kinds.setdefault(kind, []).append(key)
         scale = params.get(scale_key(key))
         if kind == "int8":
+            if bool((t == -128).any()):  # the kernels' sign trick needs |value| <= 127
+                problems.append(f"{key}: int8 values must lie in [-127, 127] (symmetric), "
+                                "found -128")
             want = (t.size(output_dim(key)),)
             if scale is None:
                 problems.append(f"{key}: an int8 matrix needs {scale_key(key)}")

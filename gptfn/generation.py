@@ -105,18 +105,22 @@ def decode_function(params: Mapping[str, Tensor], config: GPTConfig,
                     compile: bool) -> Callable[..., Tensor]:
     """The decode step generation runs: ``decode_logits`` itself, or compiled.
 
-    This is where the route for a weight format is chosen, once: on the CPU, a model whose
-    matrices are in a format (``gptfn.formats``) gets its products rewritten onto gptfn's
-    kernel (``gptfn.kernels.route``), then run as it is or, with ``compile``, by inductor.
+    This is where the route is chosen, once. On the CPU, a compiled fp32 step (plain or with
+    matrices in a format, ``gptfn.formats``) gets its products rewritten onto gptfn's kernel
+    (``gptfn.kernels.route``), then compiled by inductor; an eager step of a model in a
+    format gets the same rewrite and runs as it is; a plain eager step is the core itself.
     The prompt's prefill keeps the core's plain products (many rows: compute-bound).
     """
     device = params["wte.weight"].device
+    fp32 = params["wpe.weight"].dtype == torch.float32
+    if device.type == "cpu" and compile and fp32:
+        from gptfn.kernels import route
+
+        return torch.compile(_decode_compiled_with_kernels, fullgraph=True, dynamic=False,
+                             backend=route.rowmul_inductor)
     if device.type == "cpu" and scheme_of(params) is not None:
         from gptfn.kernels import route
 
-        if compile:
-            return torch.compile(_decode_compiled_with_kernels, fullgraph=True, dynamic=False,
-                                 backend=route.rowmul_inductor)
         # shapes may vary (batch, cache length): captured once more as dynamic, not per size
         return torch.compile(_decode_with_kernels, fullgraph=True, dynamic=None,
                              backend=route.rowmul_eager)

@@ -1,5 +1,6 @@
 """gptfn::rowmul, the product for weights in a weight-only format, against a plain fp32
-product of the dequantized weight; and the formats through compile and export."""
+product of the dequantized weight (for int8, of activations quantized per 32 values, as the
+op's int8 route takes them); and the formats through compile and export."""
 
 import pytest
 import torch
@@ -26,7 +27,8 @@ def _weight(dtype, rows, cols, dim, gen):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8])
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("rows", [1, 3, 8, 9])  # 9: past the kernel, the dequantized BLAS route
-@pytest.mark.parametrize("n_in, n_out", [(64, 256), (77, 35), (300, 1000)])  # odd: the tails
+# odd sizes: the tails; 1601 outputs: the eight-row passes over long rows
+@pytest.mark.parametrize("n_in, n_out", [(64, 256), (77, 35), (300, 1000), (45, 1601)])
 def test_rowmul_equals_the_dequantized_product(dtype, transposed, rows, n_in, n_out):
     gen = torch.Generator().manual_seed(n_in * rows + n_out)
     dim = 0 if transposed else 1  # output channels: rows of [out, in], columns of [in, out]
@@ -34,10 +36,27 @@ def test_rowmul_equals_the_dequantized_product(dtype, transposed, rows, n_in, n_
     w, scale, dense = _weight(dtype, *shape, dim, gen)
     x = torch.randn(rows, 1, n_in, generator=gen)
     bias = torch.randn(n_out, generator=gen)
-    want = x @ (dense.t() if transposed else dense) + bias  # (rows, 1, out)
+    dense = dense.t() if transposed else dense
+    xin = _q8_activations(x) if dtype == torch.int8 else x
+    want = xin @ dense + bias  # (rows, 1, out)
     got = torch.ops.gptfn.rowmul(x, w, scale, bias, transposed)
     assert got.shape == want.shape and got.dtype == torch.float32
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    if dtype == torch.int8:  # what quantizing the activations costs: about half a percent
+        exact = x @ dense + bias
+        assert ((got - exact).norm() / exact.norm()) < 2e-2
+
+
+def _q8_activations(x):
+    """x quantized as int8 weights meet it: symmetric, one scale (max |x| / 127) per 32
+    consecutive values of a row, rounded to nearest, widened back."""
+    out = torch.empty_like(x)
+    for c in range(0, x.size(-1), 32):
+        block = x[..., c:c + 32]
+        amax = block.abs().amax(-1, keepdim=True)
+        inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+        out[..., c:c + 32] = torch.round(block * inv) * (amax / 127)
+    return out
 
 
 def test_rowmul_refuses_what_it_cannot_compute():
@@ -70,15 +89,22 @@ def test_the_core_runs_a_format_in_plain_aten_everywhere(scheme):
     torch.testing.assert_close(program.module()(idx), eager, atol=1e-5, rtol=1e-5)
 
 
+def _count_rewrites(monkeypatch) -> list:
+    """A list that gets how many products each route rewrite replaces, from a fresh
+    torch.compile cache."""
+    rewritten = []
+    real = route.rewrite
+    monkeypatch.setattr(route, "rewrite", lambda gm: rewritten.append(real(gm)) or rewritten[-1])
+    torch._dynamo.reset()
+    return rewritten
+
+
 @pytest.mark.parametrize("scheme", ["bf16", "fp16", "int8"])
 def test_generation_takes_the_kernel_route_for_a_format(scheme, monkeypatch):
     cfg = tiny_config()
     model = quantize(GPTModel(cfg, seed=0).eval(), scheme)
     idx = random_idx(cfg, 2, 5)
-    rewritten = []
-    real = route.rewrite
-    monkeypatch.setattr(route, "rewrite", lambda gm: rewritten.append(real(gm)) or rewritten[-1])
-    torch._dynamo.reset()
+    rewritten = _count_rewrites(monkeypatch)
     eager = generate(model, idx, 6)
     assert rewritten == [4 * cfg.num_layers + 1]  # every matrix and the tied head
     assert torch.equal(generate(model, idx, 6, compile=True), eager)
@@ -88,13 +114,39 @@ def test_generation_takes_the_kernel_route_for_a_format(scheme, monkeypatch):
     assert torch.equal(logits[:, 4:-1].argmax(-1), eager[:, 5:])
 
 
-def test_a_plain_model_is_not_rewritten(monkeypatch):
+def test_a_plain_fp32_model_takes_the_kernel_only_when_compiled(monkeypatch):
+    """Eager generation of a plain model is the core itself; compile=True on the CPU is the
+    caller's choice of a compiled step, and that step's products (every block matrix with
+    its bias, and the tied head) go to gptfn's kernel, with the same tokens as eager."""
     cfg = tiny_config()
-    seen = []
-    monkeypatch.setattr(route, "rewrite", lambda gm: seen.append(gm))
+    model = GPTModel(cfg, seed=0).eval()
+    idx = random_idx(cfg, 2, 4)
+    rewritten = _count_rewrites(monkeypatch)
+    eager = generate(model, idx, 5)
+    assert not rewritten
+    assert torch.equal(generate(model, idx, 5, compile=True), eager)
+    assert rewritten == [4 * cfg.num_layers + 1]
+
+
+def test_the_rewrite_leaves_other_products_alone():
+    """Only fp32 products over a weight that is a graph input are plain: a product over a
+    computed matrix (here x @ (2x).T) or over fp64 stays aten."""
+    def f(x, w, b, d):
+        return (torch.nn.functional.linear(x, x * 2) + torch.nn.functional.linear(x, w.t(), b)
+                + torch.nn.functional.linear(d, d.t()).sum())
+
+    counts = []
+
+    def backend(gm, example_inputs):
+        counts.append(route.rewrite(gm))
+        return gm.forward
+
+    x, w, b = torch.randn(3, 4), torch.randn(4, 3), torch.randn(3)
+    d = torch.randn(2, 2, dtype=torch.float64)
     torch._dynamo.reset()
-    generate(GPTModel(cfg, seed=0).eval(), random_idx(cfg, 1, 4), 3, compile=True)
-    assert not seen
+    got = torch.compile(f, backend=backend, fullgraph=True)(x, w, b, d)
+    assert counts == [1]  # linear(x, w.t(), b) alone
+    torch.testing.assert_close(got, f(x, w, b, d))
 
 
 def test_formats_refuse_misuse(tmp_path):

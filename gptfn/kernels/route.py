@@ -8,7 +8,9 @@ captures is rewritten so that each such product — ``linear(x, w.to(dtype).t())
 ``* scale`` and ``+ bias`` where present (``linear(x, w.to(dtype))`` for the tied head) — is
 one ``rowmul(x, w, scale, bias, transposed)``, which reads the weight in its own format.
 ``rowmul_eager`` then runs the rewritten graph as it is, ``rowmul_inductor`` hands it to
-inductor. Plain products (weights in the activations' dtype) are left alone.
+inductor. Plain fp32 products on the CPU (``linear(x, w.t(), bias)``, ``linear(x, wte)``)
+become ``rowmul`` too: for a few rows it streams the weight faster than BLAS's one-row
+route; past ``kMaxRows`` rows it calls BLAS itself.
 """
 
 from __future__ import annotations
@@ -53,13 +55,51 @@ def _per_output(user: fx.Node, node: fx.Node, n_out: int) -> Optional[fx.Node]:
     return other
 
 
+def _plain(node: fx.Node) -> Optional[tuple]:
+    """``(x, weight, bias, transposed)`` of a plain fp32 product on the CPU:
+    ``linear(x, w.t(), bias)`` over a Conv1D weight ``[in, out]``, or ``linear(x, w)`` over
+    a ``[out, in]`` table (the tied head); None for anything else."""
+    if node.kwargs or len(node.args) not in (2, 3):
+        return None
+    x, weight = node.args[:2]
+    bias = node.args[2] if len(node.args) == 3 else None
+    transposed = not _method(weight, "t")
+    weight = weight if transposed else weight.args[0]
+    if not isinstance(weight, fx.Node) or weight.op not in ("placeholder", "get_attr"):
+        return None  # a weight computed in the graph (a format's widened copy) is not plain
+    xv, wv = _value(x), _value(weight)
+    bv = _value(bias) if bias is not None else None
+    if (xv is None or wv is None or xv.dtype != torch.float32 or wv.dtype != torch.float32
+            or xv.device.type != "cpu" or wv.dim() != 2 or (bias is not None and bv is None)
+            or (bv is not None and (bv.dim() != 1 or bv.dtype != torch.float32))):
+        return None
+    return x, weight, bias, transposed
+
+
 def rewrite(gm: fx.GraphModule) -> int:
-    """Put ``gptfn::rowmul`` in place of each format product in ``gm``; return how many."""
+    """Put ``gptfn::rowmul`` in place of each format product in ``gm``, and of each plain
+    fp32 product on the CPU; return how many."""
     graph = gm.graph
     order = {node: i for i, node in enumerate(graph.nodes)}
     count = 0
     for node in list(graph.nodes):
-        if node.op != "call_function" or node.target not in _LINEAR or len(node.args) != 2:
+        if node.op != "call_function" or node.target not in _LINEAR:
+            continue
+        plain = _plain(node)
+        if plain is not None:
+            x, weight, bias, transposed = plain
+            view = node.args[1]  # weight.t(), or the table itself
+            with graph.inserting_before(node):
+                fused = graph.call_function(torch.ops.gptfn.rowmul.default,
+                                            (x, weight, None, bias, transposed))
+            fused.meta.update(node.meta)
+            node.replace_all_uses_with(fused)
+            graph.erase_node(node)
+            if not transposed and not view.users:  # the .t() view, now unused
+                graph.erase_node(view)
+            count += 1
+            continue
+        if len(node.args) != 2:
             continue
         x, widened = node.args
         transposed = not _method(widened, "t")

@@ -1,15 +1,19 @@
 // Weight-only matrix products for few rows: the op gptfn::rowmul.
 //
 // y = x @ W * scale + bias, with x fp32 (M rows) and W stored as fp32, bf16, fp16 or int8
-// (int8 with one fp32 scale per output channel). W is GPT-2's Conv1D layout [in, out], or
+// (int8 with one fp32 scale per output channel; x then meets it quantized to int8 per block
+// of 32 values, as llama.cpp's q8_0 does). W is GPT-2's Conv1D layout [in, out], or
 // with `transposed` the embedding layout [out, in] (the tied head: logits = x @ wte.T).
-// Accumulation is fp32. Decoding one token is a chain of such products: each reads every
-// weight once and does two flops per weight, so its speed is the speed at which the weights
-// stream from memory, and a narrower format is read faster.
+// Accumulation is fp32 (int8: int32 within a block of 32, then fp32). Decoding one token is
+// a chain of such products: each reads every weight once and does two flops per weight, so
+// its speed is bound by the speed at which the weights stream from memory, and a narrower
+// format is read faster, as long as widening it costs less than reading it: hence the
+// cheap bf16 widening and the integer int8 products below.
 //
 // [in, out]: the threads split `in` into contiguous runs of rows, so each thread streams
 // whole rows in memory order into its own fp32 partial sums (out values per row of x, in
-// L1/L2), four rows of W per pass; the partials are added at the end.
+// L1/L2), eight rows of W per pass (bf16 short rows: one, see `short_rows`); the partials
+// are added at the end.
 // [out, in]: the threads split `out`; each output is a dot product over a contiguous row,
 // four rows at a time so that four independent accumulators hide the FMA latency.
 // Rows of x beyond kMaxRows go to a dequantized copy and BLAS: there the product is
@@ -23,9 +27,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -72,6 +78,43 @@ void dots_portable(const float* x, int64_t m, int64_t n_in, const W* w, int64_t 
   }
 }
 
+// ---------------------------------------------------------------- int8 activations
+// int8 weights meet activations quantized to int8 too, symmetric, one fp32 scale per block
+// of kQBlock consecutive features of a row of x (llama.cpp's q8_0 activations), on every
+// route: the AVX2 loops sum the int8 products in int32 (maddubs: u8 x s8 pairs to int16;
+// madd: int16 pairs to int32) and scale each block's sum once, a few integer ops per 32
+// weights instead of widening each weight to fp32; the portable loops and BLAS (past
+// kMaxRows rows) take x quantized and widened back, the same values.
+constexpr int64_t kQBlock = 32;
+
+// q (n) = round(x / d), d = max |x| / 127 per block of kQBlock (0 for a block of zeros).
+void quantize_blocks(const float* x, int64_t n, int8_t* q, float* d) {
+  for (int64_t c0 = 0, k = 0; c0 < n; c0 += kQBlock, ++k) {
+    const int64_t c1 = std::min(n, c0 + kQBlock);
+    float amax = 0.f;
+    for (int64_t c = c0; c < c1; ++c) amax = std::max(amax, std::abs(x[c]));
+    const float scale = amax / 127.f;
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    d[k] = scale;
+    for (int64_t c = c0; c < c1; ++c) q[c] = static_cast<int8_t>(std::nearbyint(x[c] * inv));
+  }
+}
+
+// x (m, n) quantized per block and widened back to fp32: the activations int8 weights meet.
+at::Tensor quantized_activations(const at::Tensor& x2) {
+  const int64_t m = x2.size(0), n = x2.size(1), blocks = (n + kQBlock - 1) / kQBlock;
+  at::Tensor out = at::empty_like(x2);
+  std::vector<int8_t> q(static_cast<size_t>(n));
+  std::vector<float> d(static_cast<size_t>(blocks));
+  const float* xp = x2.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  for (int64_t b = 0; b < m; ++b) {
+    quantize_blocks(xp + b * n, n, q.data(), d.data());
+    for (int64_t c = 0; c < n; ++c) op[b * n + c] = d[c / kQBlock] * static_cast<float>(q[c]);
+  }
+  return out;
+}
+
 #ifdef GPTFN_X86
 // ---------------------------------------------------------------- AVX2 loops
 #define GPTFN_AVX2 __attribute__((target("avx2,fma,f16c")))
@@ -96,34 +139,38 @@ GPTFN_AVX2 inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// Whether the bf16 rows loop reads one row of w a pass instead of eight. Eight rows a pass
+// share the partial sums' loads and stores, which pays for long rows (768x3072: 24 GB/s
+// against 19 with one); for short rows (GPT-2's 768-wide projections) one row at a time,
+// read straight through, was faster (3072x768: 19.5 GB/s against 17; interleaved A/B on
+// the 2-core Zen 3 VM). fp32 measured best with eight rows at both lengths.
+inline bool short_rows(int64_t n_out) { return n_out < 1536; }
+
+template <int R, typename W>
+GPTFN_AVX2 void rows_pass(const float* x, int64_t m, int64_t n_in, const W* w, int64_t n_out,
+                          int64_t i, float* acc) {
+  const int64_t o8 = n_out - n_out % 8;
+  for (int64_t b = 0; b < m; ++b) {
+    const float* xb = x + b * n_in + i;
+    __m256 xs[R];
+    for (int r = 0; r < R; ++r) xs[r] = _mm256_set1_ps(xb[r]);
+    float* a = acc + b * n_out;
+    for (int64_t o = 0; o < o8; o += 8) {
+      __m256 s = _mm256_loadu_ps(a + o);
+      for (int r = 0; r < R; ++r) s = _mm256_fmadd_ps(xs[r], load8(w + (i + r) * n_out + o), s);
+      _mm256_storeu_ps(a + o, s);
+    }
+    for (int64_t o = o8; o < n_out; ++o)
+      for (int r = 0; r < R; ++r) a[o] += xb[r] * to_float(w[(i + r) * n_out + o]);
+  }
+}
+
 template <typename W>
 GPTFN_AVX2 void rows_avx2(const float* x, int64_t m, int64_t n_in, const W* w, int64_t n_out,
                           int64_t r0, int64_t r1, float* acc) {
-  const int64_t o8 = n_out - n_out % 8;
   int64_t i = r0;
-  for (; i + 4 <= r1; i += 4) {
-    const W* w0 = w + i * n_out;
-    const W* w1 = w0 + n_out;
-    const W* w2 = w1 + n_out;
-    const W* w3 = w2 + n_out;
-    for (int64_t b = 0; b < m; ++b) {
-      const float* xb = x + b * n_in + i;
-      const __m256 x0 = _mm256_set1_ps(xb[0]), x1 = _mm256_set1_ps(xb[1]);
-      const __m256 x2 = _mm256_set1_ps(xb[2]), x3 = _mm256_set1_ps(xb[3]);
-      float* a = acc + b * n_out;
-      for (int64_t o = 0; o < o8; o += 8) {
-        __m256 s = _mm256_mul_ps(x0, load8(w0 + o));
-        s = _mm256_fmadd_ps(x1, load8(w1 + o), s);
-        s = _mm256_fmadd_ps(x2, load8(w2 + o), s);
-        s = _mm256_fmadd_ps(x3, load8(w3 + o), s);
-        _mm256_storeu_ps(a + o, _mm256_add_ps(_mm256_loadu_ps(a + o), s));
-      }
-      for (int64_t o = o8; o < n_out; ++o)
-        a[o] += xb[0] * to_float(w0[o]) + xb[1] * to_float(w1[o]) + xb[2] * to_float(w2[o]) +
-                xb[3] * to_float(w3[o]);
-    }
-  }
-  if (i < r1) rows_portable(x, m, n_in, w, n_out, i, r1, acc);
+  for (; i + 8 <= r1; i += 8) rows_pass<8>(x, m, n_in, w, n_out, i, acc);
+  for (; i < r1; ++i) rows_pass<1>(x, m, n_in, w, n_out, i, acc);
 }
 
 template <typename W>
@@ -163,6 +210,255 @@ GPTFN_AVX2 void dots_avx2(const float* x, int64_t m, int64_t n_in, const W* w, i
   if (v < v1) dots_portable(x, m, n_in, w, v, v1, y, n_out);
 }
 
+// bf16 is the top half of an fp32: of 16 bf16 loaded as 8 32-bit lanes, a shift left by
+// 16 gives the even-indexed values as fp32 and a mask the odd-indexed ones. Two cheap ops
+// per 16 weights instead of a widening load per 8, at the price of an order: each block of
+// 16 is handled as its 8 even values, then its 8 odd ones ("split" order). The rows loop
+// keeps its sums in that order and `unsplit` restores it; the dots loop splits x instead.
+GPTFN_AVX2 inline void load16_split(const c10::BFloat16* p, __m256& even, __m256& odd) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+  odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(0xFFFF0000u)));
+}
+
+// y[o + 2j] = s[o + j], y[o + 2j + 1] = s[o + 8 + j] for each block of 16 below n16: split
+// order back to natural order, in place. (`split` is the inverse.)
+inline void unsplit(float* y, int64_t n16) {
+  float t[16];
+  for (int64_t o = 0; o < n16; o += 16) {
+    std::memcpy(t, y + o, sizeof t);
+    for (int j = 0; j < 8; ++j) {
+      y[o + 2 * j] = t[j];
+      y[o + 2 * j + 1] = t[8 + j];
+    }
+  }
+}
+
+inline void split(const float* x, int64_t n16, float* out) {
+  for (int64_t c = 0; c < n16; c += 16)
+    for (int j = 0; j < 8; ++j) {
+      out[c + j] = x[c + 2 * j];
+      out[c + 8 + j] = x[c + 2 * j + 1];
+    }
+}
+
+// acc (m, out) += x[:, r0:r1] @ w[r0:r1, :], the first n_out - n_out % 16 sums of each row
+// of acc in split order, the rest in natural order. R rows of w per pass.
+template <int R>
+GPTFN_AVX2 void rows_bf16_pass(const float* x, int64_t m, int64_t n_in, const c10::BFloat16* w,
+                               int64_t n_out, int64_t i, float* acc) {
+  const int64_t o16 = n_out - n_out % 16;
+  for (int64_t b = 0; b < m; ++b) {
+    const float* xb = x + b * n_in + i;
+    __m256 xs[R];
+    for (int r = 0; r < R; ++r) xs[r] = _mm256_set1_ps(xb[r]);
+    float* a = acc + b * n_out;
+    for (int64_t o = 0; o < o16; o += 16) {
+      __m256 se = _mm256_loadu_ps(a + o), so = _mm256_loadu_ps(a + o + 8);
+      for (int r = 0; r < R; ++r) {
+        __m256 e, d;
+        load16_split(w + (i + r) * n_out + o, e, d);
+        se = _mm256_fmadd_ps(xs[r], e, se);
+        so = _mm256_fmadd_ps(xs[r], d, so);
+      }
+      _mm256_storeu_ps(a + o, se);
+      _mm256_storeu_ps(a + o + 8, so);
+    }
+    for (int64_t o = o16; o < n_out; ++o)
+      for (int r = 0; r < R; ++r) a[o] += xb[r] * to_float(w[(i + r) * n_out + o]);
+  }
+}
+
+GPTFN_AVX2 void rows_bf16_avx2(const float* x, int64_t m, int64_t n_in, const c10::BFloat16* w,
+                               int64_t n_out, int64_t r0, int64_t r1, float* acc) {
+  int64_t i = r0;
+  if (!short_rows(n_out))
+    for (; i + 8 <= r1; i += 8) rows_bf16_pass<8>(x, m, n_in, w, n_out, i, acc);
+  for (; i < r1; ++i) rows_bf16_pass<1>(x, m, n_in, w, n_out, i, acc);
+}
+
+// y[b, v] = dot(x[b], w[v]) for v in [v0, v1), with xs = x in split order per row.
+GPTFN_AVX2 void dots_bf16_avx2(const float* xs, const float* x, int64_t m, int64_t n_in,
+                               const c10::BFloat16* w, int64_t v0, int64_t v1, float* y,
+                               int64_t n_out) {
+  const int64_t c16 = n_in - n_in % 16;
+  for (int64_t v = v0; v < v1; v += 4) {
+    const int rows = static_cast<int>(std::min<int64_t>(4, v1 - v));
+    for (int64_t b = 0; b < m; ++b) {
+      const float* xsb = xs + b * n_in;
+      const float* xb = x + b * n_in;
+      __m256 s[4][2];
+      for (int r = 0; r < 4; ++r) s[r][0] = s[r][1] = _mm256_setzero_ps();
+      if (rows == 4) {
+        for (int64_t c = 0; c < c16; c += 16) {
+          const __m256 xe = _mm256_loadu_ps(xsb + c), xo = _mm256_loadu_ps(xsb + c + 8);
+          for (int r = 0; r < 4; ++r) {
+            __m256 e, d;
+            load16_split(w + (v + r) * n_in + c, e, d);
+            s[r][0] = _mm256_fmadd_ps(xe, e, s[r][0]);
+            s[r][1] = _mm256_fmadd_ps(xo, d, s[r][1]);
+          }
+        }
+      } else {
+        for (int r = 0; r < rows; ++r)
+          for (int64_t c = 0; c < c16; c += 16) {
+            __m256 e, d;
+            load16_split(w + (v + r) * n_in + c, e, d);
+            s[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(xsb + c), e, s[r][0]);
+            s[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(xsb + c + 8), d, s[r][1]);
+          }
+      }
+      for (int r = 0; r < rows; ++r) {
+        float t = hsum(_mm256_add_ps(s[r][0], s[r][1]));
+        for (int64_t c = c16; c < n_in; ++c) t += xb[c] * to_float(w[(v + r) * n_in + c]);
+        y[b * n_out + v + r] = t;
+      }
+    }
+  }
+}
+
+// The order the int8 rows loop leaves each block of 32 sums in: position j holds output
+// kPerm32[j] (what unpacklo/hi of bytes, then of int16 pairs, produce per 128-bit lane).
+constexpr int kPerm32[32] = {0,  1,  2,  3,  16, 17, 18, 19, 4,  5,  6,  7,  20, 21, 22, 23,
+                             8,  9,  10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31};
+
+inline void unpermute32(float* y, int64_t n32) {
+  float t[32];
+  for (int64_t o = 0; o < n32; o += 32) {
+    std::memcpy(t, y + o, sizeof t);
+    for (int j = 0; j < 32; ++j) y[o + kPerm32[j]] = t[j];
+  }
+}
+
+// Four rows of int8 w against four quantized activations q[0..3]: `sums` gives the int32
+// sums over the four rows for 32 outputs, in kPerm32 order (four vectors of eight).
+struct Quad {
+  __m256i s01, s23, a01, a23;
+  GPTFN_AVX2 explicit Quad(const int8_t* q) {
+    const uint8_t q0 = static_cast<uint8_t>(q[0]), q1 = static_cast<uint8_t>(q[1]);
+    const uint8_t q2 = static_cast<uint8_t>(q[2]), q3 = static_cast<uint8_t>(q[3]);
+    s01 = _mm256_set1_epi16(static_cast<int16_t>(q0 | (q1 << 8)));
+    s23 = _mm256_set1_epi16(static_cast<int16_t>(q2 | (q3 << 8)));
+    a01 = _mm256_abs_epi8(s01);
+    a23 = _mm256_abs_epi8(s23);
+  }
+  GPTFN_AVX2 inline void sums(const int8_t* w0, int64_t n_out, __m256i ones, __m256i* p) const {
+    const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w0));
+    const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w0 + n_out));
+    const __m256i v2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w0 + 2 * n_out));
+    const __m256i v3 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w0 + 3 * n_out));
+    // int16 sums of two rows' products per output, outputs in byte-unpack order
+    const __m256i lo01 =
+        _mm256_maddubs_epi16(a01, _mm256_sign_epi8(_mm256_unpacklo_epi8(v0, v1), s01));
+    const __m256i hi01 =
+        _mm256_maddubs_epi16(a01, _mm256_sign_epi8(_mm256_unpackhi_epi8(v0, v1), s01));
+    const __m256i lo23 =
+        _mm256_maddubs_epi16(a23, _mm256_sign_epi8(_mm256_unpacklo_epi8(v2, v3), s23));
+    const __m256i hi23 =
+        _mm256_maddubs_epi16(a23, _mm256_sign_epi8(_mm256_unpackhi_epi8(v2, v3), s23));
+    // int32 sums of the four rows
+    p[0] = _mm256_madd_epi16(_mm256_unpacklo_epi16(lo01, lo23), ones);
+    p[1] = _mm256_madd_epi16(_mm256_unpackhi_epi16(lo01, lo23), ones);
+    p[2] = _mm256_madd_epi16(_mm256_unpacklo_epi16(hi01, hi23), ones);
+    p[3] = _mm256_madd_epi16(_mm256_unpackhi_epi16(hi01, hi23), ones);
+  }
+};
+
+// acc (m, out) += dequantized x[:, r0:r1] @ w[r0:r1, :] (w int8 [in, out]); r0 and r1 on
+// block boundaries (or r1 = n_in). The first n_out - n_out % 32 sums of a row of acc are in
+// kPerm32 order; the rest, natural order.
+GPTFN_AVX2 void rows_q8_avx2(const int8_t* xq, const float* xd, const float* x, int64_t m,
+                             int64_t n_in, const int8_t* w, int64_t n_out, int64_t r0,
+                             int64_t r1, float* acc) {
+  const int64_t o32 = n_out - n_out % 32;
+  const __m256i ones = _mm256_set1_epi16(1);
+  std::vector<int32_t> isum(static_cast<size_t>(o32));
+  for (int64_t b = 0; b < m; ++b) {
+    const int8_t* qb = xq + b * n_in;
+    const float* xb = x + b * n_in;
+    float* a = acc + b * n_out;
+    for (int64_t k0 = r0; k0 < r1; k0 += kQBlock) {
+      const int64_t k1 = std::min(r1, k0 + kQBlock);
+      std::fill(isum.begin(), isum.end(), 0);
+      int64_t i = k0;
+      for (; i + 8 <= k1; i += 8) {  // eight rows a pass: half the int32 sums' traffic
+        const Quad qa(qb + i), qc(qb + i + 4);
+        const int8_t* w0 = w + i * n_out;
+        for (int64_t o = 0; o < o32; o += 32) {
+          __m256i p[4], r[4];
+          qa.sums(w0 + o, n_out, ones, p);
+          qc.sums(w0 + 4 * n_out + o, n_out, ones, r);
+          __m256i* s = reinterpret_cast<__m256i*>(isum.data() + o);
+          for (int j = 0; j < 4; ++j)
+            _mm256_storeu_si256(s + j, _mm256_add_epi32(_mm256_loadu_si256(s + j),
+                                                         _mm256_add_epi32(p[j], r[j])));
+        }
+      }
+      for (; i + 4 <= k1; i += 4) {
+        const Quad qa(qb + i);
+        const int8_t* w0 = w + i * n_out;
+        for (int64_t o = 0; o < o32; o += 32) {
+          __m256i p[4];
+          qa.sums(w0 + o, n_out, ones, p);
+          __m256i* s = reinterpret_cast<__m256i*>(isum.data() + o);
+          for (int j = 0; j < 4; ++j)
+            _mm256_storeu_si256(s + j, _mm256_add_epi32(_mm256_loadu_si256(s + j), p[j]));
+        }
+      }
+      for (; i < k1; ++i)  // rows past the last four of the block: the same sums, one row
+        for (int64_t o = 0; o < o32; o += 32)
+          for (int j = 0; j < 32; ++j)
+            isum[o + j] += static_cast<int32_t>(qb[i]) * w[i * n_out + o + kPerm32[j]];
+      const __m256 scale = _mm256_set1_ps(xd[b * ((n_in + kQBlock - 1) / kQBlock) + k0 / kQBlock]);
+      for (int64_t o = 0; o < o32; o += 8) {
+        const __m256 s = _mm256_cvtepi32_ps(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(isum.data() + o)));
+        _mm256_storeu_ps(a + o, _mm256_fmadd_ps(scale, s, _mm256_loadu_ps(a + o)));
+      }
+    }
+    for (int64_t i = r0; i < r1; ++i)  // outputs past the last 32: fp32 x, natural order
+      for (int64_t o = o32; o < n_out; ++o) a[o] += xb[i] * static_cast<float>(w[i * n_out + o]);
+  }
+}
+
+// y[b, v] = sum over blocks of d_b,k * dot(xq[b] block k, w[v] block k), v in [v0, v1).
+GPTFN_AVX2 void dots_q8_avx2(const int8_t* xq, const float* xd, int64_t m, int64_t n_in,
+                             const int8_t* w, int64_t v0, int64_t v1, float* y, int64_t n_out) {
+  const int64_t c32 = n_in - n_in % kQBlock;
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t v = v0; v < v1; v += 4) {
+    const int rows = static_cast<int>(std::min<int64_t>(4, v1 - v));
+    for (int64_t b = 0; b < m; ++b) {
+      const int8_t* qb = xq + b * n_in;
+      const float* db = xd + b * ((n_in + kQBlock - 1) / kQBlock);
+      __m256 s[4];
+      for (int r = 0; r < 4; ++r) s[r] = _mm256_setzero_ps();
+      for (int64_t c = 0; c < c32; c += kQBlock) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + c));
+        const __m256i ax = _mm256_abs_epi8(xv);
+        const __m256 d = _mm256_set1_ps(db[c / kQBlock]);
+        for (int r = 0; r < rows; ++r) {
+          const __m256i wv =
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (v + r) * n_in + c));
+          const __m256i p = _mm256_madd_epi16(
+              _mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv, xv)), ones);  // 8 int32
+          s[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), s[r]);
+        }
+      }
+      for (int r = 0; r < rows; ++r) {
+        float t = hsum(s[r]);
+        if (c32 < n_in) {  // the last, partial block
+          int32_t it = 0;
+          for (int64_t c = c32; c < n_in; ++c)
+            it += static_cast<int32_t>(qb[c]) * w[(v + r) * n_in + c];
+          t += db[c32 / kQBlock] * static_cast<float>(it);
+        }
+        y[b * n_out + v + r] = t;
+      }
+    }
+  }
+}
+
 bool has_avx2() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                          __builtin_cpu_supports("f16c");
@@ -170,10 +466,23 @@ bool has_avx2() {
 }
 #endif
 
+// Whether the rows loop leaves its sums in split order (bf16 on AVX2).
+template <typename W>
+bool rows_split() {
+#ifdef GPTFN_X86
+  return std::is_same<W, c10::BFloat16>::value && has_avx2();
+#else
+  return false;
+#endif
+}
+
 template <typename W>
 void rows(const float* x, int64_t m, int64_t n_in, const W* w, int64_t n_out, int64_t r0,
           int64_t r1, float* acc) {
 #ifdef GPTFN_X86
+  if constexpr (std::is_same<W, c10::BFloat16>::value) {
+    if (has_avx2()) return rows_bf16_avx2(x, m, n_in, w, n_out, r0, r1, acc);
+  }
   if (has_avx2()) return rows_avx2(x, m, n_in, w, n_out, r0, r1, acc);
 #endif
   rows_portable(x, m, n_in, w, n_out, r0, r1, acc);
@@ -188,18 +497,21 @@ void dots(const float* x, int64_t m, int64_t n_in, const W* w, int64_t v0, int64
   dots_portable(x, m, n_in, w, v0, v1, y, n_out);
 }
 
-// y (m, out) = x (m, in) @ w (in, out): threads take contiguous runs of rows of w.
-template <typename W>
-void product_rows(const float* x, int64_t m, int64_t n_in, const W* w, int64_t n_out, float* y) {
+// y (m, out) = the sum of run(r0, r1, acc) over contiguous runs of rows [r0, r1) of w, one
+// run per thread, each run a multiple of `align` rows; each run adds into its own acc.
+template <typename Run>
+void over_row_runs(int64_t m, int64_t n_in, int64_t n_out, int64_t align, float* y,
+                   const Run& run) {
   // at least 64 rows per run, so that small matrices are not split for nothing
   const int64_t runs = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_in / 64));
-  const int64_t per = (n_in + runs - 1) / runs;
+  const int64_t per = ((n_in + runs - 1) / runs + align - 1) / align * align;
   std::vector<float> partial(static_cast<size_t>(runs - 1) * m * n_out, 0.f);
   std::fill(y, y + m * n_out, 0.f);
   at::parallel_for(0, runs, 1, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       float* acc = r == 0 ? y : partial.data() + (r - 1) * m * n_out;
-      rows(x, m, n_in, w, n_out, r * per, std::min(n_in, (r + 1) * per), acc);
+      const int64_t r0 = std::min(n_in, r * per), r1 = std::min(n_in, (r + 1) * per);
+      if (r0 < r1) run(r0, r1, acc);
     }
   });
   for (int64_t r = 1; r < runs; ++r) {
@@ -208,9 +520,67 @@ void product_rows(const float* x, int64_t m, int64_t n_in, const W* w, int64_t n
   }
 }
 
+#ifdef GPTFN_X86
+// x (m, n_in) quantized per block for the int8 loops: values (m, n_in), scales (m, blocks).
+struct QuantizedRows {
+  std::vector<int8_t> q;
+  std::vector<float> d;
+  QuantizedRows(const float* x, int64_t m, int64_t n_in)
+      : q(static_cast<size_t>(m * n_in)),
+        d(static_cast<size_t>(m * ((n_in + kQBlock - 1) / kQBlock))) {
+    const int64_t blocks = (n_in + kQBlock - 1) / kQBlock;
+    for (int64_t b = 0; b < m; ++b)
+      quantize_blocks(x + b * n_in, n_in, q.data() + b * n_in, d.data() + b * blocks);
+  }
+};
+#endif
+
+// y (m, out) = x (m, in) @ w (in, out): threads take contiguous runs of rows of w.
+template <typename W>
+void product_rows(const float* x, int64_t m, int64_t n_in, const W* w, int64_t n_out, float* y) {
+#ifdef GPTFN_X86
+  if constexpr (std::is_same<W, int8_t>::value) {
+    if (has_avx2()) {
+      const QuantizedRows xq(x, m, n_in);
+      over_row_runs(m, n_in, n_out, kQBlock, y, [&](int64_t r0, int64_t r1, float* acc) {
+        rows_q8_avx2(xq.q.data(), xq.d.data(), x, m, n_in, w, n_out, r0, r1, acc);
+      });
+      for (int64_t b = 0; b < m; ++b) unpermute32(y + b * n_out, n_out - n_out % 32);
+      return;
+    }
+  }
+#endif
+  over_row_runs(m, n_in, n_out, 1, y, [&](int64_t r0, int64_t r1, float* acc) {
+    rows(x, m, n_in, w, n_out, r0, r1, acc);
+  });
+  if (rows_split<W>())
+    for (int64_t b = 0; b < m; ++b) unsplit(y + b * n_out, n_out - n_out % 16);
+}
+
 // y (m, out) = x (m, in) @ w.T, w (out, in): threads take runs of outputs.
 template <typename W>
 void product_dots(const float* x, int64_t m, int64_t n_in, const W* w, int64_t n_out, float* y) {
+#ifdef GPTFN_X86
+  if constexpr (std::is_same<W, int8_t>::value) {
+    if (has_avx2()) {
+      const QuantizedRows xq(x, m, n_in);
+      at::parallel_for(0, n_out, 256, [&](int64_t b, int64_t e) {
+        dots_q8_avx2(xq.q.data(), xq.d.data(), m, n_in, w, b, e, y, n_out);
+      });
+      return;
+    }
+  }
+  if constexpr (std::is_same<W, c10::BFloat16>::value) {
+    if (has_avx2()) {
+      std::vector<float> xs(static_cast<size_t>(m * n_in));
+      for (int64_t b = 0; b < m; ++b) split(x + b * n_in, n_in - n_in % 16, xs.data() + b * n_in);
+      at::parallel_for(0, n_out, 256, [&](int64_t b, int64_t e) {
+        dots_bf16_avx2(xs.data(), x, m, n_in, w, b, e, y, n_out);
+      });
+      return;
+    }
+  }
+#endif
   at::parallel_for(0, n_out, 256, [&](int64_t b, int64_t e) {
     dots(x, m, n_in, w, b, e, y, n_out);
   });
@@ -260,13 +630,13 @@ at::Tensor rowmul(const at::Tensor& x, const at::Tensor& weight,
   std::vector<int64_t> shape = x.sizes().vec();
   shape.back() = n_out;
   const int64_t m = n_in == 0 ? 0 : x.numel() / n_in;
+  at::Tensor xc = x.reshape({m, n_in}).contiguous();
+  if (st == at::kChar && m > 0) xc = quantized_activations(xc);
   if (m > kMaxRows) {
     at::Tensor w = dequantized(weight, scale, transposed);
-    at::Tensor x2 = x.reshape({m, n_in});
-    at::Tensor y = bias.has_value() ? at::addmm(*bias, x2, w) : at::mm(x2, w);
+    at::Tensor y = bias.has_value() ? at::addmm(*bias, xc, w) : at::mm(xc, w);
     return y.view(shape);
   }
-  at::Tensor xc = x.contiguous();
   at::Tensor wc = weight.contiguous();
   at::Tensor y = at::empty({m, n_out}, x.options());
   if (m > 0) {
