@@ -249,6 +249,7 @@ def bench_decode(quick: bool, rounds: int, preset: str = "gpt2", prompt_len: int
                 "mbu": statistics.median(mbu),
                 "of_stream": statistics.median(of_stream),
             })
+        against = _against_llama_cpp(rates, per_token, target.dtype_name)
         bw_median = statistics.median(bandwidth)
         stream_median = statistics.median(streaming)
         roof = (f"MBU against the datasheet's {spec_bandwidth / 1e9:.0f} GB/s" if spec_bandwidth
@@ -271,6 +272,13 @@ def bench_decode(quick: bool, rounds: int, preset: str = "gpt2", prompt_len: int
                    + f"; {agreement['summary']}"
                    + ("; peers left out: " + "; ".join(f"{k} ({v})" for k, v in skipped.items())
                       if skipped else "")]
+            + (["", "gptfn's faster path at each precision against llama.cpp at its own "
+                    "(median of per-round ratios):", "",
+                "| precision | gptfn | tokens/s | llama.cpp | tokens/s | gptfn / llama.cpp |",
+                "|---|---|---:|---|---:|---:|"]
+               + [f"| {a['precision']} | {a['gptfn']} | {a['gptfn_tokens_per_s']:.1f} | "
+                  f"{a['peer']} | {a['peer_tokens_per_s']:.1f} | {a['ratio']:.2f}x |"
+                  for a in against] if against else [])
         )
         return {
             "workload": "decode" if batch_size == 1 else f"decode_b{batch_size}",
@@ -292,9 +300,36 @@ def bench_decode(quick: bool, rounds: int, preset: str = "gpt2", prompt_len: int
             "agreement": agreement,
             "peers_left_out": skipped,
             "rows": rows,
+            "against_llama_cpp": against,
             "environment": environment(),
             "table": table,
         }
+
+
+# precision -> (gptfn's variants at it, llama.cpp's variant at the nearest precision)
+_MATCHES = {"fp32": ("", "llama.cpp-f32"), "bf16": ("_bf16", "llama.cpp-f16"),
+            "int8": ("_int8", "llama.cpp-q8_0")}
+
+
+def _against_llama_cpp(rates: Dict[str, List[float]], per_token: Samples,
+                       dtype_name: str) -> List[dict]:
+    """For each precision where both ran: gptfn's faster variant (eager or compiled, by
+    median) against llama.cpp's, as the median of per-round speed ratios. The plain
+    variants run at the run's dtype (fp32 on the CPU by default)."""
+    out = []
+    for precision, (suffix, peer) in _MATCHES.items():
+        if suffix == "":
+            precision = dtype_name
+            peer = "llama.cpp-f32" if dtype_name == "fp32" else "llama.cpp-f16"
+        ours = [n for n in (f"eager{suffix}", f"compiled{suffix}") if rates.get(n)]
+        if not ours or not rates.get(peer):
+            continue
+        best = max(ours, key=lambda n: statistics.median(rates[n]))
+        out.append({"precision": precision, "gptfn": best, "peer": peer,
+                     "gptfn_tokens_per_s": statistics.median(rates[best]),
+                     "peer_tokens_per_s": statistics.median(rates[peer]),
+                     "ratio": per_token.ratio(best, peer)})
+    return out
 
 
 def _agreement(cfg, model, hf, idx, tokens, target: Target, strict=()) -> dict:

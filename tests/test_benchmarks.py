@@ -100,7 +100,7 @@ def test_prefill_flops_match_a_flop_counter():
 
 def test_quick_suite_writes_reports(tmp_path):
     r = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--out", str(tmp_path)],
-                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+                       capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert r.returncode == 0, r.stderr
     tokenize = json.loads((tmp_path / "tokenize.json").read_text())
     assert {row["variant"] for row in tokenize["rows"]} == {"tiktoken", "gptfn"}
@@ -129,6 +129,14 @@ def test_quick_suite_writes_reports(tmp_path):
     assert mb["eager_int8"] < mb["eager_bf16"] < mb["eager"]  # each format reads its own bytes
     assert set(decode["peers_left_out"]) == set(PEERS) - running
     assert decode["agreement"]["tokens_equal_to_hf"].keys() >= running
+    # each precision where llama.cpp ran is matched with gptfn's faster path at it
+    against = {a["precision"]: a for a in decode["against_llama_cpp"]}
+    want = {"fp32": "llama.cpp-f32", "bf16": "llama.cpp-f16", "int8": "llama.cpp-q8_0"}
+    assert {p: a["peer"] for p, a in against.items()} == {
+        p: peer for p, peer in want.items() if peer in running}
+    for precision, a in against.items():
+        suffix = "" if precision == "fp32" else f"_{precision}"
+        assert a["gptfn"] in (f"eager{suffix}", f"compiled{suffix}") and a["ratio"] > 0
     prefill = json.loads((tmp_path / "prefill.json").read_text())
     assert {r["variant"] for r in prefill["rows"]} == {"hf", "eager"} | running
     for key, error in prefill["peer_errors"].items():  # each peer computed the same model

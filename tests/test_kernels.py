@@ -59,6 +59,23 @@ def _q8_activations(x):
     return out
 
 
+@pytest.mark.parametrize("rows, heads, new, slots, hs", [(1, 12, 1, 192, 64), (3, 4, 2, 37, 20)])
+def test_cached_attention_equals_torchs_masked_attention(rows, heads, new, slots, hs):
+    """Against F.scaled_dot_product_attention under the masks a decode step makes: left
+    padded rows (a padding token attends to itself only), and a mask shared by all rows."""
+    from gptfn.functional import attention_mask
+
+    gen = torch.Generator().manual_seed(rows * slots + hs)
+    q = torch.randn(rows, heads, new, hs, generator=gen)
+    k, v = (torch.randn(rows, heads, slots, hs, generator=gen) for _ in range(2))
+    pos = torch.arange(slots - new - 3, slots - 3)  # (new,): the last slots stay empty
+    start = torch.randint(0, slots - new - 3, (rows,), generator=gen)
+    for mask in (attention_mask(pos, start, slots), attention_mask(pos, start[:1], slots)):
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        got = torch.ops.gptfn.cached_attention(q, k, v, mask)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_rowmul_refuses_what_it_cannot_compute():
     x, w = torch.randn(1, 8), torch.randn(8, 4)
     with pytest.raises(RuntimeError, match="int8 weights need a scale"):
@@ -106,9 +123,9 @@ def test_generation_takes_the_kernel_route_for_a_format(scheme, monkeypatch):
     idx = random_idx(cfg, 2, 5)
     rewritten = _count_rewrites(monkeypatch)
     eager = generate(model, idx, 6)
-    assert rewritten == [4 * cfg.num_layers + 1]  # every matrix and the tied head
+    assert rewritten == [5 * cfg.num_layers + 1]  # each matrix, the head, each attention
     assert torch.equal(generate(model, idx, 6, compile=True), eager)
-    assert rewritten[-1] == 4 * cfg.num_layers + 1
+    assert rewritten[-1] == 5 * cfg.num_layers + 1
     with torch.no_grad():  # the route computes what the core computes
         logits = model(torch.cat([idx, eager[:, 5:]], 1))
     assert torch.equal(logits[:, 4:-1].argmax(-1), eager[:, 5:])
@@ -125,7 +142,7 @@ def test_a_plain_fp32_model_takes_the_kernel_only_when_compiled(monkeypatch):
     eager = generate(model, idx, 5)
     assert not rewritten
     assert torch.equal(generate(model, idx, 5, compile=True), eager)
-    assert rewritten == [4 * cfg.num_layers + 1]
+    assert rewritten == [5 * cfg.num_layers + 1]  # and each layer's attention
 
 
 def test_the_rewrite_leaves_other_products_alone():

@@ -1,9 +1,11 @@
 """gptfn's C++ kernels: the op ``gptfn::rowmul`` (see ``rowmul.cpp``), which multiplies
-activations by a weight stored in a weight-only format (bf16, fp16, int8 + scales).
+a few rows of activations by a weight, plain fp32 or in a weight format (bf16, fp16, int8 +
+scales), and ``gptfn::cached_attention`` (``attention.cpp``), a few tokens' attention over a
+static KV cache under a mask.
 
-The core never calls it. A caller that wants it for a model in a format compiles its
-function with a backend of ``gptfn.kernels.route`` (generation does, for its decode step),
-which loads the op and rewrites the core's plain products onto it. The library is compiled
+The core never calls them. A caller that wants them compiles its function with a backend
+of ``gptfn.kernels.route`` (generation does, for its decode step on the CPU), which loads
+the ops and rewrites the core's products and cached attention onto them. The library is compiled
 on first ``load()``, once per machine and torch version, by torch's extension builder (a
 C++ compiler and ninja are needed; about 20 s), and loaded from that build afterwards.
 """
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("rowmul.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("rowmul.cpp", "attention.cpp")]
 
 
 class KernelBuildError(RuntimeError):
@@ -47,7 +49,7 @@ def load() -> str:
     try:
         cpp_extension.load(
             name=library_name(),
-            sources=[str(SOURCE)],
+            sources=[str(p) for p in SOURCES],
             # -fopenmp: ATen's parallel_for is OpenMP pragmas in headers; without the flag
             # the loops would run on one thread. The OpenMP runtime is torch's own libgomp.
             extra_cflags=["-O3", "-fopenmp"],

@@ -10,7 +10,9 @@ one ``rowmul(x, w, scale, bias, transposed)``, which reads the weight in its own
 ``rowmul_eager`` then runs the rewritten graph as it is, ``rowmul_inductor`` hands it to
 inductor. Plain fp32 products on the CPU (``linear(x, w.t(), bias)``, ``linear(x, wte)``)
 become ``rowmul`` too: for a few rows it streams the weight faster than BLAS's one-row
-route; past ``kMaxRows`` rows it calls BLAS itself.
+route; past ``kMaxRows`` rows it calls BLAS itself. A decode step's attention over its cache
+(``scaled_dot_product_attention`` with a boolean mask, at most 8 new tokens, fp32 on the
+CPU) becomes ``cached_attention``, which reads only the slots the mask allows.
 """
 
 from __future__ import annotations
@@ -76,13 +78,50 @@ def _plain(node: fx.Node) -> Optional[tuple]:
     return x, weight, bias, transposed
 
 
+_SDPA = (torch._C._nn.scaled_dot_product_attention,
+         torch.nn.functional.scaled_dot_product_attention)
+_MAX_NEW_TOKENS = 8  # attention of at most this many new tokens goes to cached_attention
+
+
+def _cached_attention(node: fx.Node) -> Optional[tuple]:
+    """``(q, k, v, mask)`` of ``scaled_dot_product_attention(q, k, v, attn_mask=mask,
+    dropout_p=0.0)`` over fp32 CPU tensors with a boolean mask and a few new tokens (a
+    decode step over its cache); None for anything else."""
+    if len(node.args) != 3 or set(node.kwargs) - {"attn_mask", "dropout_p"}:
+        return None
+    mask = node.kwargs.get("attn_mask")
+    if node.kwargs.get("dropout_p", 0.0) != 0.0 or not isinstance(mask, fx.Node):
+        return None
+    q, k, v = (_value(a) for a in node.args)
+    m = _value(mask)
+    if any(t is None or t.dim() != 4 or t.dtype != torch.float32 or t.device.type != "cpu"
+           for t in (q, k, v)):
+        return None
+    if (m is None or m.dtype != torch.bool or m.dim() != 4
+            or not isinstance(q.shape[2], int) or q.shape[2] > _MAX_NEW_TOKENS):
+        return None
+    return (*node.args, mask)
+
+
 def rewrite(gm: fx.GraphModule) -> int:
     """Put ``gptfn::rowmul`` in place of each format product in ``gm``, and of each plain
-    fp32 product on the CPU; return how many."""
+    fp32 product on the CPU, and ``gptfn::cached_attention`` in place of each masked
+    attention of a few new tokens; return how many."""
     graph = gm.graph
     order = {node: i for i, node in enumerate(graph.nodes)}
     count = 0
     for node in list(graph.nodes):
+        if node.op == "call_function" and node.target in _SDPA:
+            attention = _cached_attention(node)
+            if attention is not None:
+                with graph.inserting_before(node):
+                    fused = graph.call_function(torch.ops.gptfn.cached_attention.default,
+                                                attention)
+                fused.meta.update(node.meta)
+                node.replace_all_uses_with(fused)
+                graph.erase_node(node)
+                count += 1
+            continue
         if node.op != "call_function" or node.target not in _LINEAR:
             continue
         plain = _plain(node)
@@ -143,11 +182,17 @@ def rowmul_eager(gm: fx.GraphModule, example_inputs):
 
 
 def rowmul_inductor(gm: fx.GraphModule, example_inputs):
-    """A torch.compile backend: ``rewrite``, then inductor."""
+    """A torch.compile backend: ``rewrite``, then inductor, with its C++ wrapper.
+
+    A decode step is some 150 small calls (the kernel, attention, inductor's fused norms);
+    inductor's default Python wrapper spends microseconds on each, which adds up to a
+    sizeable part of a step once the products are fast, and its C++ wrapper a fraction of
+    that (README, "Weight formats"). The wrapper is compiled once more per graph (seconds).
+    """
     from torch._inductor.compile_fx import compile_fx
 
     _rewrite_loaded(gm)
-    return compile_fx(gm, example_inputs)
+    return compile_fx(gm, example_inputs, config_patches={"cpp_wrapper": True})
 
 
 def _rewrite_loaded(gm: fx.GraphModule) -> None:
