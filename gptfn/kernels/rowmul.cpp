@@ -123,8 +123,8 @@ at::Tensor quantized_activations(const at::Tensor& x2) {
 // the loops that widen or multiply in integers do enough work per byte that with the
 // hardware prefetcher alone the memory sat idle part of the time. The plain fp32 loops
 // stream at the memory's speed without it.
-constexpr int64_t kAheadDots = 16;   // [out, in] loops: rows of w (outputs) ahead
-constexpr int64_t kAheadRowsQ8 = 8;  // int8 [in, out] loop: rows of w (inputs) ahead
+constexpr int64_t kAheadDots = 16;  // [out, in] loops: rows of w (outputs) ahead
+constexpr int64_t kAheadRows = 16;  // int8 and one-row bf16 [in, out] loops: rows (inputs)
 
 GPTFN_AVX2 inline void prefetch(const void* p) {
   _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
@@ -263,7 +263,9 @@ GPTFN_AVX2 void rows_bf16_pass(const float* x, int64_t m, int64_t n_in, const c1
     __m256 xs[R];
     for (int r = 0; r < R; ++r) xs[r] = _mm256_set1_ps(xb[r]);
     float* a = acc + b * n_out;
+    const bool ahead = R == 1 && i + kAheadRows < n_in;  // one row a pass: short rows
     for (int64_t o = 0; o < o16; o += 16) {
+      if (ahead) prefetch(w + (i + kAheadRows) * n_out + o);
       __m256 se = _mm256_loadu_ps(a + o), so = _mm256_loadu_ps(a + o + 8);
       for (int r = 0; r < R; ++r) {
         __m256 e, d;
@@ -397,10 +399,10 @@ GPTFN_AVX2 void rows_q8_avx2(const int8_t* xq, const float* xd, const float* x, 
       for (; i + 8 <= k1; i += 8) {  // eight rows a pass: half the int32 sums' traffic
         const Quad qa(qb + i), qc(qb + i + 4);
         const int8_t* w0 = w + i * n_out;
-        const bool ahead = i + kAheadRowsQ8 + 8 <= n_in;
+        const bool ahead = i + kAheadRows + 8 <= n_in;
         for (int64_t o = 0; o < o32; o += 32) {
           if (ahead)
-            for (int j = 0; j < 8; ++j) prefetch(w0 + (kAheadRowsQ8 + j) * n_out + o);
+            for (int j = 0; j < 8; ++j) prefetch(w0 + (kAheadRows + j) * n_out + o);
           __m256i p[4], r[4];
           qa.sums(w0 + o, n_out, ones, p);
           qc.sums(w0 + 4 * n_out + o, n_out, ones, r);
