@@ -36,7 +36,7 @@ $(STAMP): pyproject.toml
 	@# llama-cpp-python builds llama.cpp: without its multimodal library (unused here),
 	@# which is a third of the build
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -e ".[test,tf,plot,interop]"
-	@# gptfn's C++ kernels (the bf16/fp16/int8 weight formats) compile once, here, rather
+	@# gptfn's C++ kernels (the CPU decode route: products, cached attention) compile once, here, rather
 	@# than in the first test that needs them
 	$(PY) -c "import gptfn.kernels as k; k.load()"
 	touch $(STAMP)

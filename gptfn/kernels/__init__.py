@@ -7,7 +7,7 @@ The core never calls them. A caller that wants them compiles its function with a
 of ``gptfn.kernels.route`` (generation does, for its decode step on the CPU), which loads
 the ops and rewrites the core's products and cached attention onto them. The library is compiled
 on first ``load()``, once per machine and torch version, by torch's extension builder (a
-C++ compiler and ninja are needed; about 20 s), and loaded from that build afterwards.
+C++ compiler and ninja are needed; about 30 s), and loaded from that build afterwards.
 """
 
 from __future__ import annotations
@@ -60,9 +60,9 @@ def load() -> str:
     except (OSError, RuntimeError, ImportError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise KernelBuildError(
-            f"gptfn's C++ kernels (needed by the bf16/fp16/int8 weight formats) could not be "
-            f"built: {first} (a C++ compiler and ninja are needed; set GPTFN_VERBOSE_BUILD=1 "
-            "to see the build)"
+            f"gptfn's C++ kernels (the CPU decode route of compiled and weight-format models) "
+            f"could not be built: {first} (a C++ compiler and ninja are needed; set "
+            "GPTFN_VERBOSE_BUILD=1 to see the build)"
         ) from None
     return str(library)
 
