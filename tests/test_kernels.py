@@ -76,6 +76,44 @@ def test_cached_attention_equals_torchs_masked_attention(rows, heads, new, slots
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_rowmul_edge_inputs():
+    """An empty sum is the bias; a NaN or an infinity in the activations reaches the int8
+    product's outputs as NaN, as in the unquantized product, not as a finite number."""
+    got = torch.ops.gptfn.rowmul(torch.ones(2, 0), torch.ones(0, 5), None, torch.arange(5.0),
+                                 False)
+    assert torch.equal(got, torch.arange(5.0).expand(2, 5))
+    q, scale = int8_per_channel(torch.randn(64, 40), 1)
+    for bad in (float("nan"), float("inf")):
+        x = torch.randn(1, 64)
+        x[0, 3] = bad
+        for w, transposed in ((q, False), (q.t().contiguous(), True)):
+            assert torch.isnan(torch.ops.gptfn.rowmul(x, w, scale, None, transposed)).all()
+
+
+def test_the_attention_rewrite_takes_only_what_its_kernel_computes():
+    """A per-head mask or a value width other than the queries' stays torch's attention."""
+    def f(q, k, v, mask):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    counts = []
+
+    def backend(gm, example_inputs):
+        counts.append(route.rewrite(gm))
+        return gm.forward
+
+    q, k = torch.randn(2, 3, 1, 8), torch.randn(2, 3, 10, 8)
+    shared, per_head = torch.rand(2, 1, 1, 10) < 0.7, torch.rand(2, 3, 1, 10) < 0.7
+    shared[..., 0] = per_head[..., 0] = True
+    for v, mask, rewritten in ((torch.randn(2, 3, 10, 8), shared, 1),
+                               (torch.randn(2, 3, 10, 8), per_head, 0),
+                               (torch.randn(2, 3, 10, 6), shared, 0)):
+        torch._dynamo.reset()
+        counts.clear()
+        got = torch.compile(f, backend=backend, fullgraph=True)(q, k, v, mask)
+        assert counts == [rewritten]
+        torch.testing.assert_close(got, f(q, k, v, mask), atol=1e-5, rtol=1e-5)
+
+
 def test_rowmul_refuses_what_it_cannot_compute():
     x, w = torch.randn(1, 8), torch.randn(8, 4)
     with pytest.raises(RuntimeError, match="int8 weights need a scale"):

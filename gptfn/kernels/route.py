@@ -72,9 +72,11 @@ def _plain(node: fx.Node) -> Optional[tuple]:
     xv, wv = _value(x), _value(weight)
     bv = _value(bias) if bias is not None else None
     if (xv is None or wv is None or xv.dtype != torch.float32 or wv.dtype != torch.float32
-            or xv.device.type != "cpu" or wv.dim() != 2 or (bias is not None and bv is None)
-            or (bv is not None and (bv.dim() != 1 or bv.dtype != torch.float32))):
+            or xv.device.type != "cpu" or wv.dim() != 2 or (bias is not None and bv is None)):
         return None
+    n_out = wv.shape[0] if transposed else wv.shape[1]
+    if bv is not None and (tuple(bv.shape) != (n_out,) or bv.dtype != torch.float32):
+        return None  # a broadcast bias: torch's product keeps it
     return x, weight, bias, transposed
 
 
@@ -95,11 +97,15 @@ def _cached_attention(node: fx.Node) -> Optional[tuple]:
     q, k, v = (_value(a) for a in node.args)
     m = _value(mask)
     if any(t is None or t.dim() != 4 or t.dtype != torch.float32 or t.device.type != "cpu"
-           for t in (q, k, v)):
+           for t in (q, k, v)) or m is None or m.dtype != torch.bool or m.dim() != 4:
         return None
-    if (m is None or m.dtype != torch.bool or m.dim() != 4
-            or not isinstance(q.shape[2], int) or q.shape[2] > _MAX_NEW_TOKENS):
-        return None
+    shapes = [tuple(t.shape) for t in (q, k, v, m)]
+    if not all(isinstance(d, int) for shape in shapes for d in shape):
+        return None  # dynamic sizes: torch's kernel keeps them
+    (b, nh, t, hs), (_, _, s, _) = shapes[0], shapes[1]
+    if (t > _MAX_NEW_TOKENS or shapes[1] != (b, nh, s, hs) or shapes[2] != (b, nh, s, hs)
+            or shapes[3] not in ((b, 1, t, s), (1, 1, t, s))):
+        return None  # what the kernel takes: one mask for all heads, k and v like q
     return (*node.args, mask)
 
 

@@ -1,8 +1,9 @@
 // Weight-only matrix products for few rows: the op gptfn::rowmul.
 //
 // y = x @ W * scale + bias, with x fp32 (M rows) and W stored as fp32, bf16, fp16 or int8
-// (int8 with one fp32 scale per output channel; x then meets it quantized to int8 per block
-// of 32 values, as llama.cpp's q8_0 does). W is GPT-2's Conv1D layout [in, out], or
+// (int8 with one fp32 scale per output channel, values in [-127, 127] as gptfn.formats
+// requires: the integer loops' sign trick cannot negate -128; x then meets it quantized to
+// int8 per block of 32 values, as llama.cpp's q8_0 does). W is GPT-2's Conv1D layout [in, out], or
 // with `transposed` the embedding layout [out, in] (the tied head: logits = x @ wte.T).
 // Accumulation is fp32 (int8: int32 within a block of 32, then fp32). Decoding one token is
 // a chain of such products: each reads every weight once and does two flops per weight, so
@@ -31,6 +32,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -88,14 +90,24 @@ void dots_portable(const float* x, int64_t m, int64_t n_in, const W* w, int64_t 
 constexpr int64_t kQBlock = 32;
 
 // q (n) = round(x / d), d = max |x| / 127 per block of kQBlock (0 for a block of zeros).
+// A block holding a NaN or an infinity gets d = NaN and q = 0, so that the products it
+// enters are NaN, as the unquantized product's would be.
 void quantize_blocks(const float* x, int64_t n, int8_t* q, float* d) {
   for (int64_t c0 = 0, k = 0; c0 < n; c0 += kQBlock, ++k) {
     const int64_t c1 = std::min(n, c0 + kQBlock);
     float amax = 0.f;
-    for (int64_t c = c0; c < c1; ++c) amax = std::max(amax, std::abs(x[c]));
-    const float scale = amax / 127.f;
+    bool finite = true;
+    for (int64_t c = c0; c < c1; ++c) {
+      finite = finite && std::isfinite(x[c]);
+      amax = std::max(amax, std::abs(x[c]));
+    }
+    if (!finite) {
+      d[k] = std::numeric_limits<float>::quiet_NaN();
+      std::fill(q + c0, q + c1, static_cast<int8_t>(0));
+      continue;
+    }
     const float inv = amax > 0.f ? 127.f / amax : 0.f;
-    d[k] = scale;
+    d[k] = amax / 127.f;
     for (int64_t c = c0; c < c1; ++c) q[c] = static_cast<int8_t>(std::nearbyint(x[c] * inv));
   }
 }
@@ -650,7 +662,11 @@ at::Tensor rowmul(const at::Tensor& x, const at::Tensor& weight,
 
   std::vector<int64_t> shape = x.sizes().vec();
   shape.back() = n_out;
-  const int64_t m = n_in == 0 ? 0 : x.numel() / n_in;
+  if (n_in == 0) {  // an empty sum: the bias, or zeros
+    at::Tensor y = at::zeros(shape, x.options());
+    return bias.has_value() ? y + *bias : y;
+  }
+  const int64_t m = x.numel() / n_in;
   at::Tensor xc = x.reshape({m, n_in}).contiguous();
   if (st == at::kChar && m > 0) xc = quantized_activations(xc);
   if (m > kMaxRows) {
