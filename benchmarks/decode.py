@@ -8,18 +8,20 @@ Variants, same weights, dtype and prompt, interleaved in rounds after a warm-up:
   its forward (``torch.compile``, mode reduce-overhead: CUDA graphs). On by default on CUDA;
   ``--hf-compiled`` adds it on the CPU (mode default there);
 - ``eager``: ``gptfn.generate`` (static KV cache, functional core);
-- ``compiled``: the same with ``compile=True`` (decode step compiled, CUDA graphs on
-  CUDA; compile time is measured apart, before the rounds);
+- ``compiled``: the same with ``compile=True`` (decode step compiled: on the CPU through
+  gptfn's kernels, ``gptfn.kernels.route``; CUDA graphs on CUDA; compile time is measured
+  apart, before the rounds);
 - ``eager_bf16``, ``compiled_bf16``, ``eager_int8``, ``compiled_int8`` (CPU, fp32 runs):
   the same model in a weight format (``gptfn.quantize``); generation runs its decode step
-  through gptfn's kernel (``gptfn.kernels.route``), as captured or compiled by inductor;
+  through gptfn's kernels (``gptfn.kernels.route``), as captured or compiled by inductor;
 - ``gemv``: a matrix-vector product (``torch.mv``) over a 256 MiB matrix (1 GiB on CUDA)
   with rows of 768 at the run's dtype, measured in the same rounds;
 - ``stream``: a plain sum over the same matrix: what the memory system delivers to a
   simple vectorized read;
 - the peers (``benchmarks.peers``, at batch 1 on the CPU): llama.cpp on gptfn's GGUF export
   (f32, f16, q8_0) and ONNX Runtime on its ONNX export (fp32, int8), each in its own
-  process with gptfn's thread count, timed by its own token timestamps.
+  process with gptfn's thread count, timed by its own token timestamps; the report matches
+  gptfn's faster path at each precision with llama.cpp's (``against_llama_cpp``).
 
 Run at batch 1 and batched (tokens/s then counts every row's tokens). Decode tokens/s
 counts the steps after the first new token (which comes from the prompt's forward pass),

@@ -394,15 +394,16 @@ struct Quad {
 // acc (m, out) += dequantized x[:, r0:r1] @ w[r0:r1, :] (w int8 [in, out]); r0 and r1 on
 // block boundaries (or r1 = n_in). The first n_out - n_out % 32 sums of a row of acc are in
 // kPerm32 order; the rest, natural order.
-GPTFN_AVX2 void rows_q8_avx2(const int8_t* xq, const float* xd, const float* x, int64_t m,
-                             int64_t n_in, const int8_t* w, int64_t n_out, int64_t r0,
-                             int64_t r1, float* acc) {
+GPTFN_AVX2 void rows_q8_avx2(const int8_t* xq, const float* xd, int64_t m, int64_t n_in,
+                             const int8_t* w, int64_t n_out, int64_t r0, int64_t r1,
+                             float* acc) {
   const int64_t o32 = n_out - n_out % 32;
+  const int64_t blocks = (n_in + kQBlock - 1) / kQBlock;
   const __m256i ones = _mm256_set1_epi16(1);
   std::vector<int32_t> isum(static_cast<size_t>(o32));
   for (int64_t b = 0; b < m; ++b) {
     const int8_t* qb = xq + b * n_in;
-    const float* xb = x + b * n_in;
+    const float* db = xd + b * blocks;
     float* a = acc + b * n_out;
     for (int64_t k0 = r0; k0 < r1; k0 += kQBlock) {
       const int64_t k1 = std::min(r1, k0 + kQBlock);
@@ -439,15 +440,17 @@ GPTFN_AVX2 void rows_q8_avx2(const int8_t* xq, const float* xd, const float* x, 
         for (int64_t o = 0; o < o32; o += 32)
           for (int j = 0; j < 32; ++j)
             isum[o + j] += static_cast<int32_t>(qb[i]) * w[i * n_out + o + kPerm32[j]];
-      const __m256 scale = _mm256_set1_ps(xd[b * ((n_in + kQBlock - 1) / kQBlock) + k0 / kQBlock]);
+      const __m256 scale = _mm256_set1_ps(db[k0 / kQBlock]);
       for (int64_t o = 0; o < o32; o += 8) {
         const __m256 s = _mm256_cvtepi32_ps(
             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(isum.data() + o)));
         _mm256_storeu_ps(a + o, _mm256_fmadd_ps(scale, s, _mm256_loadu_ps(a + o)));
       }
     }
-    for (int64_t i = r0; i < r1; ++i)  // outputs past the last 32: fp32 x, natural order
-      for (int64_t o = o32; o < n_out; ++o) a[o] += xb[i] * static_cast<float>(w[i * n_out + o]);
+    for (int64_t i = r0; i < r1; ++i) {  // outputs past the last 32: natural order
+      const float xi = db[i / kQBlock] * static_cast<float>(qb[i]);  // the quantized x
+      for (int64_t o = o32; o < n_out; ++o) a[o] += xi * static_cast<float>(w[i * n_out + o]);
+    }
   }
 }
 
@@ -498,6 +501,15 @@ bool has_avx2() {
   return ok;
 }
 #endif
+
+// Whether int8 products run in the AVX2 integer loops (which quantize x from fp32).
+bool integer_loops() {
+#ifdef GPTFN_X86
+  return has_avx2();
+#else
+  return false;
+#endif
+}
 
 // Whether the rows loop leaves its sums in split order (bf16 on AVX2).
 template <typename W>
@@ -576,7 +588,7 @@ void product_rows(const float* x, int64_t m, int64_t n_in, const W* w, int64_t n
     if (has_avx2()) {
       const QuantizedRows xq(x, m, n_in);
       over_row_runs(m, n_in, n_out, kQBlock, y, [&](int64_t r0, int64_t r1, float* acc) {
-        rows_q8_avx2(xq.q.data(), xq.d.data(), x, m, n_in, w, n_out, r0, r1, acc);
+        rows_q8_avx2(xq.q.data(), xq.d.data(), m, n_in, w, n_out, r0, r1, acc);
       });
       for (int64_t b = 0; b < m; ++b) unpermute32(y + b * n_out, n_out - n_out % 32);
       return;
@@ -668,7 +680,10 @@ at::Tensor rowmul(const at::Tensor& x, const at::Tensor& weight,
   }
   const int64_t m = x.numel() / n_in;
   at::Tensor xc = x.reshape({m, n_in}).contiguous();
-  if (st == at::kChar && m > 0) xc = quantized_activations(xc);
+  // int8: the integer loops quantize x themselves; every other route takes it quantized
+  if (st == at::kChar && m > 0 && !(m <= kMaxRows && integer_loops())) {
+    xc = quantized_activations(xc);
+  }
   if (m > kMaxRows) {
     at::Tensor w = dequantized(weight, scale, transposed);
     at::Tensor y = bias.has_value() ? at::addmm(*bias, xc, w) : at::mm(xc, w);
