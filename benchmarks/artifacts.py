@@ -19,21 +19,24 @@ import torch
 from benchmarks.device import Target
 from benchmarks.harness import environment, interleaved, quick_config
 
+_CPP = Path(__file__).resolve().parents[1] / "export" / "cpp"
+
 
 def bench_artifacts(quick: bool, rounds: int, preset: str = "gpt2",
                     target: Optional[Target] = None, log=print) -> dict:
+    from export.aoti import load as load_aoti
     from export.build import build, check_request, load_torchscript
     from export.verify import verify
-    from gptfn import GPTConfig, GPTModel
+    from gptfn import GPTConfig, GPTModel, generate
 
     target = target or Target.parse()
 
     if quick:
         cfg = quick_config(context_length=64, embed_dim=64)
-        length, max_seq_len = 32, 64
+        length, new_tokens, max_seq_len = 32, 16, 64
     else:
         cfg = GPTConfig.from_preset(preset, dropout_rate=0.0)
-        length, max_seq_len = 128, 256
+        length, new_tokens, max_seq_len = 128, 64, 256
     model = GPTModel(cfg, seed=0).eval().to(device=target.device, dtype=target.dtype)
     idx = torch.randint(0, cfg.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
     idx = idx.to(target.device)
@@ -50,32 +53,85 @@ def bench_artifacts(quick: bool, rounds: int, preset: str = "gpt2",
             "eager": model,
             "torchscript": load_torchscript(paths["torchscript"]),
             "pt2": torch.export.load(str(paths["pt2"])).module(),
-            "aoti": torch._inductor.aoti_load_package(str(paths["aoti"])),
+            "aoti": load_aoti(paths["aoti"]),
         }
         log(f"artifacts: forward latency, {rounds} interleaved rounds")
         samples = interleaved({k: (lambda r=r: r(idx)) for k, r in runners.items()},
                               rounds=rounds, warmup=2, clock=target.clock())
+        # generation: every runner that decodes through a cache, against gptfn's compiled
+        # decode step (what the AOTInductor package is to match), prefill included
+        generators = {
+            "eager": lambda: generate(model, idx, new_tokens),
+            "compiled": lambda: generate(model, idx, new_tokens, compile=True),
+            "torchscript": lambda: runners["torchscript"].generate(idx, new_tokens, 0.0, 0, 0),
+            "aoti": lambda: runners["aoti"].generate(idx, new_tokens),
+        }
+        log(f"artifacts: generating {new_tokens} tokens, {rounds} interleaved rounds")
+        decoding = interleaved(generators, rounds=rounds, warmup=1, clock=target.clock())
+        cpp_ms = (_cpp_ms_per_token(paths["aoti"], idx, new_tokens, rounds, Path(tmp), log)
+                  if target.device.type == "cpu" else None)
     rows = []
-    for name in runners:
+    if cpp_ms is not None:
+        rows.append({"variant": "aoti (C++ runner)", "forward_ms": None, "ratio_vs_eager": None,
+                     "size_mb": None, "load_s": None, "generate_ms_per_token": cpp_ms,
+                     "generate_vs_compiled": decoding.median("compiled") * 1e3 / new_tokens
+                     / cpp_ms})
+    for name in [*runners, "compiled"]:
         rep = reports.get(name, {})
         rows.append({
             "variant": name,
-            "forward_ms": samples.median(name) * 1e3,
-            "ratio_vs_eager": samples.ratio(name, "eager"),
-            "size_mb": rep.get("size_bytes", 0) / 1e6 if rep else None,
+            "forward_ms": samples.median(name) * 1e3 if name in runners else None,
+            "ratio_vs_eager": samples.ratio(name, "eager") if name in runners else None,
+            "size_mb": rep["size_bytes"] / 1e6 if rep else None,
             "load_s": rep.get("load_s"),
-            "per_token_ms": rep["per_token_s"] * 1e3 if rep else None,
-            "eager_per_token_ms": rep["eager_per_token_s"] * 1e3 if rep else None,
+            "generate_ms_per_token": (decoding.median(name) * 1e3 / new_tokens
+                                      if name in generators else None),
+            "generate_vs_compiled": (decoding.ratio(name, "compiled")
+                                     if name in generators else None),
         })
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-    lines = ["| variant | forward ms (median) | vs eager | size (MB) | load (s) | decode ms/token "
-             "| eager ms/token (same run) |", "|---|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['variant']} | {r['forward_ms']:.1f} | {r['ratio_vs_eager']:.2f}x | "
-              f"{fmt(r['size_mb'], '.1f')} | {fmt(r['load_s'], '.2f')} | "
-              f"{fmt(r['per_token_ms'], '.2f')} | {fmt(r['eager_per_token_ms'], '.2f')} |"
-              for r in rows]
+    times = lambda v: "-" if v is None else f"{v:.2f}x"  # noqa: E731
+    lines = ["| variant | forward ms (median) | vs eager | size (MB) | load (s) | generate "
+             "ms/token | vs compiled |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['variant']} | {fmt(r['forward_ms'], '.1f')} | "
+              f"{times(r['ratio_vs_eager'])} | {fmt(r['size_mb'], '.1f')} | "
+              f"{fmt(r['load_s'], '.2f')} | {fmt(r['generate_ms_per_token'], '.2f')} | "
+              f"{times(r['generate_vs_compiled'])} |" for r in rows]
+    lines.append(f"\nForward: batch 1, {length} tokens. Generate: {new_tokens} greedy tokens "
+                 f"after the {length}-token prompt, per new token, prefill included (.pt2 "
+                 "has no cache: not timed). Ratios are medians of per-round ratios; the C++ "
+                 "runner (export/cpp/aoti_generate.cpp, CPU only) times its own second "
+                 "generation in each of as many runs, after the interleaved rounds, and is "
+                 "set against the compiled median.")
     return {"workload": "artifacts", "config": cfg.to_dict(), "device": str(target.device),
-            "dtype": target.dtype_name, "prompt": length,
+            "dtype": target.dtype_name, "prompt": length, "new_tokens": new_tokens,
             "max_seq_len": max_seq_len, "rounds": rounds, "samples_s": samples.times,
+            "generate_samples_s": decoding.times, "cpp_ms_per_token": cpp_ms,
             "reports": reports, "rows": rows, "environment": environment(),
             "table": "\n".join(lines)}
+
+
+def _cpp_ms_per_token(package: Path, idx, new_tokens: int, rounds: int, tmp: Path,
+                      log) -> Optional[float]:
+    """The C++ AOTInductor runner's ms per new token (median of ``rounds`` runs), or None
+    where it cannot be built here (no C++ compiler)."""
+    import statistics
+    import subprocess
+    import sys
+
+    from gptfn.kernels import load
+
+    binary = tmp / "gptfn_aoti_generate"
+    log("artifacts: building the C++ AOTInductor runner (export/cpp/aoti_generate.cpp)")
+    built = subprocess.run(["bash", str(_CPP / "build.sh"), sys.executable, str(binary),
+                            "aoti_generate.cpp"], capture_output=True, text=True)
+    if built.returncode != 0:
+        log(f"artifacts: the C++ runner did not build, not timed: {built.stderr[-300:]}")
+        return None
+    command = [str(binary), "--kernels", load(), "--time", str(package), str(new_tokens),
+               *map(str, idx[0].tolist())]
+    times = []
+    for _ in range(rounds):
+        run = subprocess.run(command, capture_output=True, text=True, check=True)
+        times.append(float(run.stderr.split("ms_per_token")[-1]))
+    return statistics.median(times)

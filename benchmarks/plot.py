@@ -28,6 +28,7 @@ def plot_result(result: dict, path: Path) -> bool:
     if metric is None:
         return False
     key, label, _ = metric
+    rows = [r for r in rows if r[key] is not None]  # a variant without this figure
     names = [f"{r['variant']}" + (f" T={r['T']}" if "T" in r else "") for r in rows]
     values = [r[key] for r in rows]
     ratio_key = next((k for k in rows[0] if k.startswith("ratio_vs_")), None)

@@ -71,11 +71,9 @@ class ScriptableGPT(nn.Module):
         return torch.cat(out, dim=1)
 
 
-class DecodeStep(nn.Module):
-    """One decode step with the cache as explicit inputs and outputs (for torch.export /
-    AOTInductor): ``(token (B,1), keys, values, input_pos (1,)) -> (logits (B, V), keys,
-    values)``. The caches are returned updated (out of place), so the program has no side
-    effects."""
+class _Weights(nn.Module):
+    """The parameters as buffers ``p0, p1, ...`` (one per key, in order): what torch.export
+    lifts into a program's constants, shared by the AOTInductor package's two programs."""
 
     def __init__(self, config: GPTConfig, params: Dict[str, Tensor]):
         super().__init__()
@@ -84,13 +82,35 @@ class DecodeStep(nn.Module):
             self.register_buffer(f"p{i}", v.detach().contiguous())
         self.keys_order = list(params)
 
-    def forward(self, token: Tensor, keys: Tensor, values: Tensor, input_pos: Tensor):
-        """Shapes: token (B, 1), keys/values (L, B, nh, T_max, hs), input_pos (1,)."""
-        params = {k: getattr(self, f"p{i}") for i, k in enumerate(self.keys_order)}
-        k_list = [keys[i].clone() for i in range(self.config.num_layers)]
-        v_list = [values[i].clone() for i in range(self.config.num_layers)]
-        start = torch.zeros(token.size(0), dtype=torch.long, device=token.device)
-        logits = gpt_cached_logits(params, token, k_list, v_list, input_pos, start,
-                                   self.config.num_layers, self.config.num_heads,
-                                   self.config.layer_norm_eps, False)[:, -1]
-        return logits, torch.stack(k_list), torch.stack(v_list)
+    def params(self) -> Dict[str, Tensor]:
+        return {k: getattr(self, f"p{i}") for i, k in enumerate(self.keys_order)}
+
+    def _logits(self, idx: Tensor, keys: List[Tensor], values: List[Tensor],
+                input_pos: Tensor, prefix: bool) -> Tensor:
+        start = torch.zeros(idx.size(0), dtype=torch.long, device=idx.device)
+        c = self.config
+        return gpt_cached_logits(self.params(), idx, keys, values, input_pos, start,
+                                 c.num_layers, c.num_heads, c.layer_norm_eps, False, prefix)
+
+
+class CachedForward(_Weights):
+    """The forward pass that also fills a KV cache (for torch.export / AOTInductor):
+    ``(idx (B, T), keys, values) -> logits (B, T, V)``, writing the keys and values of the
+    T tokens into cache slots 0..T-1. ``keys``/``values`` are lists of one tensor per layer,
+    (B, nh, T_max, hs), written in place. With a fresh cache it is ``forward(idx)``; it is
+    also the prefill before ``DecodeStep``."""
+
+    def forward(self, idx: Tensor, keys: List[Tensor], values: List[Tensor]) -> Tensor:
+        input_pos = torch.arange(idx.size(1), device=idx.device)  # (T,)
+        return self._logits(idx, keys, values, input_pos, True)  # (B, T, V)
+
+
+class DecodeStep(_Weights):
+    """One decode step (for torch.export / AOTInductor): ``(token (B, 1), keys, values,
+    input_pos (1,)) -> logits (B, V)``, the token's keys and values written into slot
+    ``input_pos`` of the caches in place. One tensor per layer: a step then writes one slot
+    of each, where a stacked (L, ...) cache would be copied whole by every layer's write."""
+
+    def forward(self, token: Tensor, keys: List[Tensor], values: List[Tensor],
+                input_pos: Tensor) -> Tensor:
+        return self._logits(token, keys, values, input_pos, False)[:, -1]  # (B, V)

@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import Tensor
 
-from export.artifact import DecodeStep, ScriptableGPT
+from export.artifact import ScriptableGPT
 from export.commit import commit, remove_stale_temps, report_path, temp_path
 from gptfn.config import GPTConfig
 from gptfn.scripting import script
@@ -91,26 +91,9 @@ def export_forward(model, config: GPTConfig, max_seq_len: int, device):
         return torch.export.export(model, (example,), dynamic_shapes={"idx": {0: batch, 1: seq}})
 
 
-def export_decode(config: GPTConfig, params: Dict[str, Tensor], max_seq_len: int, device):
-    """torch.export of one decode step (static shapes: batch 1, ``max_seq_len`` cache slots)."""
-    step = DecodeStep(config, params).eval()
-    cache = torch.zeros(config.num_layers, 1, config.num_heads, max_seq_len, config.head_dim,
-                        dtype=params["wte.weight"].dtype, device=device)
-    token = torch.zeros(1, 1, dtype=torch.long, device=device)
-    pos = torch.zeros(1, dtype=torch.long, device=device)
-    with torch.no_grad():
-        return torch.export.export(step, (token, cache, cache.clone(), pos))
-
-
-def decode_package_path(out: Path) -> Path:
-    """Where the AOTInductor decode-step package of forward package ``out`` goes."""
-    return out.with_name(out.stem + ".decode" + out.suffix)
-
-
 def artifact_paths(kind: str, out: Path) -> List[Path]:
     """The files an export of ``kind`` at ``out`` writes, its report last."""
-    finals = [out, decode_package_path(out)] if kind == "aoti" else [out]
-    return finals + [report_path(out)]
+    return [out, report_path(out)]
 
 
 def build(kind: str, model, out: Path, max_seq_len: int,
@@ -141,18 +124,12 @@ def build(kind: str, model, out: Path, max_seq_len: int,
             say(f"writing {out.name}")
             write_bytes(temps[0], _in_memory(lambda f: torch.export.save(program, f)))
         else:
-            temps += [temp_path(final, ".pt2") for final in finals]
-            say("exporting the forward pass (torch.export)")
-            program = export_forward(model, config, max_seq_len, device)
-            say(f"compiling the forward pass with AOTInductor into {finals[0].name} "
-                "(the slow step: a minute or more for GPT-2 124M)")
-            write_bytes(temps[0], _in_memory(
-                lambda f: torch._inductor.aoti_compile_and_package(program, package_path=f)))
-            say("exporting the decode step (torch.export)")
-            program = export_decode(config, params, max_seq_len, device)
-            say(f"compiling the decode step with AOTInductor into {finals[1].name}")
-            write_bytes(temps[1], _in_memory(
-                lambda f: torch._inductor.aoti_compile_and_package(program, package_path=f)))
+            from export.aoti import package
+
+            temps.append(temp_path(out, ".pt2"))
+            data = package(config, params, max_seq_len, say)
+            say(f"writing {out.name}")
+            write_bytes(temps[0], data)
         say("verifying against eager gptfn (logits and greedy decoding)")
         report = verify(kind, temps)
         say(f"committing {', '.join(f.name for f in [*finals, report_final])}")

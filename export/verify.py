@@ -2,9 +2,9 @@
 
 For each artifact: logits equal to eager at several lengths, and its decoding checked step
 by step against ``gptfn.generate`` over at least 16 steps (TorchScript: its own
-``generate``; the .pt2 forward: recomputing the sequence each step; the AOTInductor decode
-package: feeding the prompt through its cache, then decoding). The report holds size, load
-time, first-call latency and per-token latency against eager.
+``generate``; the .pt2 forward: recomputing the sequence each step; the AOTInductor
+package: its forward program fills the cache with the prompt, its decode program steps).
+The report holds size, load time, first-call latency and per-token latency against eager.
 
 - fp32: logits within 1e-5 (max abs difference) and greedy tokens identical.
 - bf16/fp16: two correct programs round differently (inductor fuses and keeps fp32
@@ -13,7 +13,7 @@ time, first-call latency and per-token latency against eager.
   reference with the same (upcast) weights: the artifact's max abs error may be at most
   twice eager's own, plus one unit in the last place at the logits' scale
   (``_half_allowed``). Decoding is checked teacher-forced on eager's greedy sequence:
-  every step's logits are held to the same rule (AOTInductor: through its decode package,
+  every step's logits are held to the same rule (AOTInductor: through its two programs,
   cache included; .pt2 and TorchScript: their forward over the sequence, which is how
   .pt2 decodes and which runs the same kernels as TorchScript's generate). Whether
   free-running greedy tokens equal eager's is reported, not required.
@@ -68,7 +68,9 @@ def verify(kind: str, paths: List[Path], model, max_seq_len: int, seed: int = 0)
     elif kind == "pt2":
         art, load_s = _timed(lambda: torch.export.load(str(forward_path)).module())
     else:
-        art, load_s = _timed(lambda: torch._inductor.aoti_load_package(str(forward_path)))
+        from export.aoti import load
+
+        art, load_s = _timed(lambda: load(forward_path))
     report: Dict[str, object] = {
         "kind": kind,
         "size_bytes": sum(Path(p).stat().st_size for p in paths),
@@ -107,17 +109,13 @@ def verify(kind: str, paths: List[Path], model, max_seq_len: int, seed: int = 0)
         elif kind == "pt2":
             got, art_s = _timed(lambda: _greedy_by_recompute(art, prompt, n))
         else:
-            step = torch._inductor.aoti_load_package(str(paths[1]))
-            got, art_s = _timed(lambda: _greedy_with_decode_step(step, config, prompt, n,
-                                                                 max_seq_len, device,
-                                                                 params["wte.weight"].dtype))
+            got, art_s = _timed(lambda: art.generate(prompt, n))
         same = got.shape == want.shape and torch.equal(got, want)
         if half:
             # teacher-forced: the artifact's decode path on eager's own sequence
             seq = want[:, :-1]
             if kind == "aoti":
-                steps = _logits_with_decode_step(step, config, seq, max_seq_len, device,
-                                                 params["wte.weight"].dtype)
+                steps = _logits_through_cache(art, seq, p)
             else:  # pt2 decodes by recomputing; TorchScript runs eager's own kernels
                 steps = art(seq)
             report["decode_error_vs_fp32"] = _check_half(
@@ -166,38 +164,14 @@ def _greedy_by_recompute(forward, prompt: Tensor, n: int) -> Tensor:
     return seq
 
 
-def _empty_cache(config, batch: int, max_seq_len: int, device, dtype):
-    shape = (config.num_layers, batch, config.num_heads, max_seq_len, config.head_dim)
-    return (torch.zeros(shape, device=device, dtype=dtype),
-            torch.zeros(shape, device=device, dtype=dtype))
-
-
-def _logits_with_decode_step(step, config, seq: Tensor, max_seq_len: int, device,
-                             dtype) -> Tensor:
-    """(1, T, V): the decode package's logits after each token of ``seq``, fed one by one."""
-    keys, values = _empty_cache(config, 1, max_seq_len, device, dtype)
-    out = []
-    for t in range(seq.size(1)):
-        logits, keys, values = step(seq[:, t:t + 1], keys, values,
-                                    torch.tensor([t], device=device))
-        out.append(logits)
-    return torch.stack(out, dim=1)
-
-
-def _greedy_with_decode_step(step, config, prompt: Tensor, n: int, max_seq_len: int, device,
-                             dtype=torch.float32):
-    keys, values = _empty_cache(config, 1, max_seq_len, device, dtype)
-    out = [prompt]
-    logits = None
-    for t in range(prompt.size(1)):  # the prompt, through the cache one token at a time
-        logits, keys, values = step(prompt[:, t:t + 1], keys, values,
-                                    torch.tensor([t], device=device))
-    pos = prompt.size(1)
-    for i in range(n):
-        nxt = logits.argmax(-1, keepdim=True)
-        out.append(nxt)
-        if i + 1 < n:
-            logits, keys, values = step(nxt, keys, values, torch.tensor([pos + i], device=device))
+def _logits_through_cache(package, seq: Tensor, prompt: int) -> Tensor:
+    """(1, T, V): an AOTInductor package's logits for ``seq``, the first ``prompt`` tokens
+    through its forward program (filling the cache), then one decode step per token."""
+    keys, values = package.new_cache(1)
+    out = [package.forward_with_cache(seq[:, :prompt], keys, values)]  # (1, prompt, V)
+    for t in range(prompt, seq.size(1)):
+        pos = torch.tensor([t], device=seq.device)
+        out.append(package.decode(seq[:, t:t + 1], keys, values, pos)[:, None])  # (1, 1, V)
     return torch.cat(out, dim=1)
 
 

@@ -70,22 +70,94 @@ def test_pt2_forward_has_dynamic_batch_and_length(tiny_dir, tmp_path):
             torch.testing.assert_close(program(idx), model(idx), atol=1e-5, rtol=0)
 
 
-def test_aoti_packages_forward_and_decode(tiny_dir, tmp_path):
-    out = tmp_path / "gpt_aoti.pt2"
-    r = export("aoti", "--model", str(tiny_dir), "--out", str(out), "--max-seq-len", "24")
-    assert r.returncode == 0, r.stderr
-    assert out.is_file() and (tmp_path / "gpt_aoti.decode.pt2").is_file()
-    assert "export: compiling the forward pass with AOTInductor" in r.stderr
-    assert "export: compiling the decode step with AOTInductor" in r.stderr
+@pytest.fixture(scope="module")
+def aoti_export(tiny_dir, tmp_path_factory):
+    """One AOTInductor export of the tiny model (two programs compiled: about a minute),
+    shared by the tests that read it: (package path, the export's CompletedProcess)."""
+    out = tmp_path_factory.mktemp("aoti") / "gpt_aoti.pt2"
+    return out, export("aoti", "--model", str(tiny_dir), "--out", str(out), "--max-seq-len", "24")
+
+
+def test_aoti_packages_forward_and_decode_over_one_copy_of_the_weights(tiny_dir, aoti_export):
+    from zipfile import ZipFile
+
+    from export.aoti import load
     from export.commit import read_report
 
-    report = read_report(tmp_path / "gpt_aoti.pt2.report.json")
-    assert [a["file"] for a in report["artifacts"]] == ["gpt_aoti.pt2", "gpt_aoti.decode.pt2"]
-    runner = torch._inductor.aoti_load_package(str(out))
+    out, r = aoti_export
+    assert r.returncode == 0, r.stderr
+    assert "export: compiling the forward program with AOTInductor" in r.stderr
+    assert "export: compiling the decode program with AOTInductor" in r.stderr
+    assert sorted(p.name for p in out.parent.iterdir()) == ["gpt_aoti.pt2",
+                                                            "gpt_aoti.pt2.report.json"]
+    report = read_report(out.parent / "gpt_aoti.pt2.report.json")
+    assert [a["file"] for a in report["artifacts"]] == ["gpt_aoti.pt2"]
     model = GPTModel.from_pretrained(tiny_dir)
-    idx = random_idx(model.config, 2, 9)
+    tensors = list(model.parameters())
+    weights = sum(p.numel() * p.element_size() for p in tensors)
+    with ZipFile(out) as archive:
+        stored = [i.file_size for i in archive.infolist() if "/data/weights/" in i.filename]
+        libraries = [i.filename for i in archive.infolist() if i.filename.endswith(".so")]
+    # each weight once, not once per program (a few KB of pickle framing each)
+    assert len(stored) == len(tensors) and weights < sum(stored) < weights + 4096 * len(tensors)
+    assert len(libraries) == 2
+    package = load(out)
     with torch.no_grad():
-        torch.testing.assert_close(runner(idx), model(idx), atol=1e-5, rtol=0)
+        for batch, length in [(1, 1), (2, 9), (3, 24)]:
+            idx = random_idx(model.config, batch, length, seed=length)
+            torch.testing.assert_close(package(idx), model(idx), atol=1e-5, rtol=0)
+        prompt = random_idx(model.config, 1, 5)
+        assert torch.equal(package.generate(prompt, 19), generate(model, prompt, 19))
+
+
+def test_aoti_package_runs_gptfns_kernels_on_the_cpu(tiny_dir, aoti_export):
+    """The programs call gptfn::rowmul and gptfn::cached_attention (the compiled decode
+    step's route), and the package's metadata says so."""
+    from torch.profiler import profile
+
+    from export.aoti import load
+
+    package = load(aoti_export[0])
+    model = GPTModel.from_pretrained(tiny_dir)
+    keys, values = package.new_cache(1)
+    with torch.no_grad(), profile() as prof:
+        package.forward_with_cache(random_idx(model.config, 1, 3), keys, values)
+        package.decode(torch.tensor([[7]]), keys, values, torch.tensor([3]))
+    calls = {e.key: e.count for e in prof.key_averages()}
+    layers = model.config.num_layers
+    assert calls.get("gptfn::rowmul") == 2 * (4 * layers + 1)  # forward and decode
+    assert calls.get("gptfn::cached_attention") == layers  # decode only: forward is causal
+
+
+def test_cpp_aoti_runner_generates_the_same_tokens(tiny_dir, aoti_export, tmp_path):
+    import shutil
+
+    from gptfn.kernels import load
+
+    if shutil.which(os.environ.get("CXX", "g++")) is None:
+        pytest.skip("no C++ compiler (g++) on this machine")
+    out = aoti_export[0]
+    binary = tmp_path / "gptfn_aoti_generate"
+    r = subprocess.run(["bash", str(ROOT / "export" / "cpp" / "build.sh"), sys.executable,
+                        str(binary), "aoti_generate.cpp"], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    prompt = [5, 17, 42, 3, 88]
+    r = subprocess.run([str(binary), "--kernels", load(), "--time", str(out), "19",
+                        *map(str, prompt)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    model = GPTModel.from_pretrained(tiny_dir)
+    want = generate(model, torch.tensor([prompt]), 19)[0].tolist()
+    assert [int(t) for t in r.stdout.split()] == want
+    assert float(r.stderr.split("ms_per_token")[-1]) > 0
+    without = subprocess.run([str(binary), str(out), "3", "1"], capture_output=True, text=True)
+    assert without.returncode == 2 and "pass --kernels" in without.stderr
+    missing = subprocess.run([str(binary), "--kernels", load(), str(tmp_path / "no.pt2"), "3",
+                              "1"], capture_output=True, text=True)
+    assert missing.returncode == 1 and "cannot load" in missing.stderr
+    too_long = subprocess.run([str(binary), "--kernels", load(), str(out), "20",
+                               *map(str, prompt)], capture_output=True, text=True)
+    assert too_long.returncode == 2 and "max_seq_len" in too_long.stderr
 
 
 def test_bf16_aoti_is_held_to_an_fp32_reference(tiny_dir, tmp_path):
@@ -98,7 +170,9 @@ def test_bf16_aoti_is_held_to_an_fp32_reference(tiny_dir, tmp_path):
     report = json.loads((tmp_path / "gpt_aoti.pt2.report.json").read_text())
     for check in [*report["error_vs_fp32"].values(), report["decode_error_vs_fp32"]]:
         assert 0 < check["eager"] and check["artifact"] <= check["allowed"]
-    runner = torch._inductor.aoti_load_package(str(out))
+    from export.aoti import load
+
+    runner = load(out)
     model = GPTModel.from_pretrained(tiny_dir, dtype=torch.bfloat16)
     idx = random_idx(model.config, 1, 9)
     allowed = max(c["allowed"] for c in report["error_vs_fp32"].values())
@@ -285,8 +359,8 @@ def test_cpp_example_generates_the_same_tokens(tiny_dir, tmp_path):
     r = export("torchscript", "--model", str(tiny_dir), "--out", str(out))
     assert r.returncode == 0, r.stderr
     binary = tmp_path / "gptfn_generate"
-    r = subprocess.run(["bash", str(ROOT / "export" / "cpp" / "build.sh"), sys.executable, str(binary)],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(["bash", str(ROOT / "export" / "cpp" / "build.sh"), sys.executable,
+                        str(binary)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     prompt = [5, 17, 42, 3, 88]
     r = subprocess.run([str(binary), str(out), "20", *map(str, prompt)], capture_output=True,

@@ -134,7 +134,7 @@ at::Tensor cached_attention(const at::Tensor& q, const at::Tensor& k, const at::
 
 at::Tensor cached_attention_meta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const at::Tensor& mask) {
-  return at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, q.options());
+  return at::empty_symint(q.sym_sizes(), q.options());  // symbolic, as rowmul_meta's
 }
 
 }  // namespace

@@ -13,6 +13,10 @@ become ``rowmul`` too: for a few rows it streams the weight faster than BLAS's o
 route; past ``kMaxRows`` rows it calls BLAS itself. A decode step's attention over its cache
 (``scaled_dot_product_attention`` with a boolean mask, at most 8 new tokens, fp32 on the
 CPU) becomes ``cached_attention``, which reads only the slots the mask allows.
+
+``rewrite`` reads both graphs torch builds of the core: the one torch.compile captures
+(torch functions and tensor methods) and the ATen graph of ``torch.export`` (so that an
+exported decode step, and the AOTInductor package made from it, runs the same kernels).
 """
 
 from __future__ import annotations
@@ -23,27 +27,38 @@ from typing import List, Optional
 import torch
 from torch import fx
 
-_LINEAR = (torch._C._nn.linear, torch.nn.functional.linear)
+_aten = torch.ops.aten
+# each op as torch.compile's graph calls it, then as torch.export's ATen graph does
+_LINEAR = (torch._C._nn.linear, torch.nn.functional.linear, _aten.linear.default)
+_MUL = (operator.mul, _aten.mul.Tensor)
+_ADD = (operator.add, _aten.add.Tensor)
+_METHODS = {"t": (_aten.t.default,), "to": (_aten.to.dtype,)}  # tensor methods' ATen ops
 _FORMATS = (torch.bfloat16, torch.float16, torch.int8)
 
 
 def _value(node) -> Optional[torch.Tensor]:
-    """The example tensor torch.compile recorded for a node (a fake tensor), if any."""
-    value = node.meta.get("example_value") if isinstance(node, fx.Node) else None
+    """The example (fake) tensor recorded for a node, if any: ``example_value`` in
+    torch.compile's graph, ``val`` in torch.export's."""
+    meta = node.meta if isinstance(node, fx.Node) else {}
+    value = meta.get("example_value", meta.get("val"))
     return value if isinstance(value, torch.Tensor) else None
 
 
 def _method(node, name: str) -> bool:
-    return (isinstance(node, fx.Node) and node.op == "call_method" and node.target == name
-            and len(node.users) == 1)
+    """Whether ``node`` is ``tensor.name(...)``, used once."""
+    if not isinstance(node, fx.Node) or len(node.users) != 1:
+        return False
+    if node.op == "call_method":
+        return node.target == name
+    return node.op == "call_function" and node.target in _METHODS[name]
 
 
-def _only_user(node: fx.Node, target) -> Optional[fx.Node]:
-    """``node``'s one user if it calls ``target``."""
+def _only_user(node: fx.Node, targets) -> Optional[fx.Node]:
+    """``node``'s one user if it calls one of ``targets``."""
     if len(node.users) != 1:
         return None
     user = next(iter(node.users))
-    return user if user.op == "call_function" and user.target is target else None
+    return user if user.op == "call_function" and user.target in targets else None
 
 
 def _per_output(user: fx.Node, node: fx.Node, n_out: int) -> Optional[fx.Node]:
@@ -81,7 +96,9 @@ def _plain(node: fx.Node) -> Optional[tuple]:
 
 
 _SDPA = (torch._C._nn.scaled_dot_product_attention,
-         torch.nn.functional.scaled_dot_product_attention)
+         torch.nn.functional.scaled_dot_product_attention,
+         _aten.scaled_dot_product_attention.default)
+_SDPA_OPTIONS = ("attn_mask", "dropout_p", "is_causal", "scale")  # after q, k, v
 _MAX_NEW_TOKENS = 8  # attention of at most this many new tokens goes to cached_attention
 
 
@@ -89,12 +106,15 @@ def _cached_attention(node: fx.Node) -> Optional[tuple]:
     """``(q, k, v, mask)`` of ``scaled_dot_product_attention(q, k, v, attn_mask=mask,
     dropout_p=0.0)`` over fp32 CPU tensors with a boolean mask and a few new tokens (a
     decode step over its cache); None for anything else."""
-    if len(node.args) != 3 or set(node.kwargs) - {"attn_mask", "dropout_p"}:
+    if not 3 <= len(node.args) <= 3 + len(_SDPA_OPTIONS):
         return None
-    mask = node.kwargs.get("attn_mask")
-    if node.kwargs.get("dropout_p", 0.0) != 0.0 or not isinstance(mask, fx.Node):
+    options = {**dict(zip(_SDPA_OPTIONS, node.args[3:])), **node.kwargs}
+    if set(options) - {"attn_mask", "dropout_p"}:
         return None
-    q, k, v = (_value(a) for a in node.args)
+    mask = options.get("attn_mask")
+    if options.get("dropout_p", 0.0) != 0.0 or not isinstance(mask, fx.Node):
+        return None
+    q, k, v = (_value(a) for a in node.args[:3])
     m = _value(mask)
     if any(t is None or t.dim() != 4 or t.dtype != torch.float32 or t.device.type != "cpu"
            for t in (q, k, v)) or m is None or m.dtype != torch.bool or m.dim() != 4:
@@ -106,7 +126,7 @@ def _cached_attention(node: fx.Node) -> Optional[tuple]:
     if (t > _MAX_NEW_TOKENS or shapes[1] != (b, nh, s, hs) or shapes[2] != (b, nh, s, hs)
             or shapes[3] not in ((b, 1, t, s), (1, 1, t, s))):
         return None  # what the kernel takes: one mask for all heads, k and v like q
-    return (*node.args, mask)
+    return (*node.args[:3], mask)
 
 
 def rewrite(gm: fx.GraphModule) -> int:
@@ -159,11 +179,11 @@ def rewrite(gm: fx.GraphModule) -> int:
             continue
         dropped += [widened, node]
         end, scale, bias, n_out = node, None, None, out.shape[-1]
-        mul = _only_user(end, operator.mul)
+        mul = _only_user(end, _MUL)
         if mul is not None and (scale := _per_output(mul, end, n_out)) is not None:
             dropped.append(mul)
             end = mul
-        add = _only_user(end, operator.add)
+        add = _only_user(end, _ADD)
         if add is not None and (bias := _per_output(add, end, n_out)) is not None:
             dropped.append(add)
             end = add

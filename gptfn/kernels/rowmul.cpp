@@ -729,9 +729,11 @@ at::Tensor rowmul(const at::Tensor& x, const at::Tensor& weight,
 at::Tensor rowmul_meta(const at::Tensor& x, const at::Tensor& weight,
                        const c10::optional<at::Tensor>& scale,
                        const c10::optional<at::Tensor>& bias, bool transposed) {
-  std::vector<int64_t> shape = x.sizes().vec();
-  shape.back() = transposed ? weight.size(0) : weight.size(1);
-  return at::empty(shape, x.options());
+  // symbolic sizes: a graph with dynamic shapes (torch.export's Dim) must not be
+  // specialized to its example's sizes by asking for concrete ones here
+  c10::SymDimVector shape(x.sym_sizes().begin(), x.sym_sizes().end());
+  shape.back() = transposed ? weight.sym_size(0) : weight.sym_size(1);
+  return at::empty_symint(shape, x.options());
 }
 
 }  // namespace

@@ -1,0 +1,182 @@
+"""AOTInductor packages: one ``.pt2`` holding two programs over one copy of the weights.
+
+- ``forward``: ``(idx (B, T), keys, values) -> logits (B, T, V)``, batch and length dynamic;
+  it writes the tokens' keys and values into cache slots 0..T-1 (``CachedForward``), so it
+  is both the model's forward (with a fresh cache) and the prefill of generation.
+- ``decode``: ``(token (1, 1), keys, values, input_pos (1,)) -> logits (1, V)``, one step
+  at batch 1 (``DecodeStep``).
+
+A cache is one tensor per layer, (B, nh, max_seq_len, hs) in the model's compute dtype,
+written in place. On the CPU both programs are rewritten onto gptfn's kernels before
+AOTInductor compiles them (``gptfn.kernels.route.rewrite``, the route a compiled decode step
+takes), so a package decodes at the compiled step's speed; the process that loads it needs
+the kernels' library loaded first (``load`` does it; a C++ program dlopens it). The weights
+are stored once, outside the programs' shared libraries (AOTInductor's ``pickle_weights``
+layout: ``data/weights/`` plus a ``weights_config.json`` per program), and both programs are
+given the same tensors at load. The package's metadata (``gptfn.*`` keys) records what a
+runner needs to build a cache.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from typing import Callable, Dict, List, Tuple
+
+import torch
+from torch import Tensor
+
+from export.artifact import CachedForward, DecodeStep
+from export.build import _TREESPEC_DEPRECATED
+from gptfn.config import GPTConfig
+
+PROGRAMS = ("forward", "decode")
+
+
+def _cache(config: GPTConfig, batch: int, max_seq_len: int, dtype, device) -> List[Tensor]:
+    return [torch.zeros(batch, config.num_heads, max_seq_len, config.head_dim, dtype=dtype,
+                        device=device) for _ in range(config.num_layers)]
+
+
+def export_programs(config: GPTConfig, params: Dict[str, Tensor], max_seq_len: int,
+                    device) -> Dict[str, torch.export.ExportedProgram]:
+    """torch.export of the package's two programs (see the module docstring)."""
+    from torch.export import Dim
+
+    dtype = params["wpe.weight"].dtype  # the compute dtype (a weight format keeps wpe)
+    # one tensor with a storage of its own per weight, the same in both programs: the
+    # package stores each storage once (loaded weights are often views of one file's map)
+    params = {k: v.detach().clone(memory_format=torch.contiguous_format)
+              for k, v in params.items()}
+    batch, seq = Dim("batch", min=1, max=1024), Dim("seq", min=1, max=max_seq_len)
+    every_layer = [{0: batch}] * config.num_layers
+    idx = torch.zeros(2, min(8, max_seq_len), dtype=torch.long, device=device)
+    token = torch.zeros(1, 1, dtype=torch.long, device=device)
+    pos = torch.zeros(1, dtype=torch.long, device=device)
+
+    def cache(b: int) -> List[Tensor]:
+        return _cache(config, b, max_seq_len, dtype, device)
+
+    with torch.no_grad():
+        forward = torch.export.export(
+            CachedForward(config, params).eval(), (idx, cache(2), cache(2)),
+            dynamic_shapes={"idx": {0: batch, 1: seq}, "keys": every_layer,
+                            "values": every_layer})
+        decode = torch.export.export(DecodeStep(config, params).eval(),
+                                     (token, cache(1), cache(1), pos))
+    return {"forward": forward, "decode": decode}
+
+
+def package(config: GPTConfig, params: Dict[str, Tensor], max_seq_len: int,
+            say: Callable[[str], None] = lambda message: None) -> memoryview:
+    """The package's bytes: both programs exported, routed onto the kernels (CPU),
+    compiled by AOTInductor and archived with one copy of the weights."""
+    from torch._inductor.package import package_aoti
+
+    device = params["wpe.weight"].device
+    say("exporting the forward pass and the decode step (torch.export)")
+    programs = export_programs(config, params, max_seq_len, device)
+    routed = 0
+    if device.type == "cpu":
+        from gptfn.kernels import load
+        from gptfn.kernels.route import rewrite
+
+        load()
+        routed = sum(rewrite(p.graph_module) for p in programs.values())
+    metadata = {"gptfn.num_layers": config.num_layers, "gptfn.num_heads": config.num_heads,
+                "gptfn.head_dim": config.head_dim, "gptfn.vocab_size": config.vocab_size,
+                "gptfn.max_seq_len": max_seq_len, "gptfn.kernels": int(routed > 0),
+                "gptfn.dtype": str(params["wpe.weight"].dtype).replace("torch.", "")}
+    options = {"aot_inductor.package": True, "aot_inductor.package_constants_in_so": False,
+               "aot_inductor.package_constants_on_disk_format": "pickle_weights",
+               "aot_inductor.metadata": {k: str(v) for k, v in metadata.items()}}
+    files = {}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_TREESPEC_DEPRECATED, category=FutureWarning)
+        for name, program in programs.items():
+            say(f"compiling the {name} program with AOTInductor (the slow step: a minute or "
+                "more for GPT-2 124M)")
+            args, kwargs = program.example_inputs
+            files[name] = torch._inductor.aot_compile(program.module(check_guards=False), args,
+                                                      kwargs, options=dict(options))
+        buffer = io.BytesIO()
+        package_aoti(buffer, files)
+    return buffer.getbuffer()
+
+
+class AOTIPackage:
+    """A loaded package: ``package(idx)`` is the forward pass, ``generate`` decodes greedily
+    through the cache, ``forward_with_cache`` and ``decode`` are the two programs."""
+
+    def __init__(self, path: str):
+        # the public loader (aoti_load_package) loads one program and not the weights stored
+        # beside them; load_pt2 loads both programs and gives them the same weight tensors
+        from torch.export.pt2_archive._package import load_pt2
+
+        meta = _metadata(path)
+        if meta.get("gptfn.kernels") == "1":
+            from gptfn.kernels import load
+
+            load()  # the ops the programs call must be registered before they load
+        runners = load_pt2(path, load_weights_from_disk=True).aoti_runners
+        missing = [name for name in PROGRAMS if name not in runners]
+        if missing:
+            raise ValueError(f"{path} is not a gptfn AOTInductor package (no {missing[0]!r} "
+                             "program)")
+        self._forward, self._decode = runners["forward"], runners["decode"]
+        self.num_layers = int(meta["gptfn.num_layers"])
+        self.num_heads, self.head_dim = int(meta["gptfn.num_heads"]), int(meta["gptfn.head_dim"])
+        self.max_seq_len = int(meta["gptfn.max_seq_len"])
+        self.dtype = getattr(torch, meta["gptfn.dtype"])
+        self.device = torch.device(meta.get("AOTI_DEVICE_KEY", "cpu"))
+
+    def new_cache(self, batch: int) -> Tuple[List[Tensor], List[Tensor]]:
+        """Empty keys and values caches for ``batch`` rows."""
+        shape = (batch, self.num_heads, self.max_seq_len, self.head_dim)
+        return tuple([torch.zeros(shape, dtype=self.dtype, device=self.device)
+                      for _ in range(self.num_layers)] for _ in range(2))
+
+    def forward_with_cache(self, idx: Tensor, keys: List[Tensor], values: List[Tensor]):
+        """Shapes: idx (B, T) -> logits (B, T, V); fills cache slots 0..T-1."""
+        return self._forward(idx, keys, values)
+
+    def decode(self, token: Tensor, keys: List[Tensor], values: List[Tensor],
+               input_pos: Tensor) -> Tensor:
+        """Shapes: token (1, 1), input_pos (1,) -> logits (1, V); fills slot input_pos."""
+        return self._decode(token, keys, values, input_pos)
+
+    def __call__(self, idx: Tensor) -> Tensor:
+        """Shapes: idx (B, T) -> logits (B, T, V)."""
+        return self.forward_with_cache(idx, *self.new_cache(idx.size(0)))
+
+    def generate(self, prompt: Tensor, max_new_tokens: int) -> Tensor:
+        """Greedy decoding of one row. Shapes: prompt (1, T) -> (1, T + max_new_tokens)."""
+        t = prompt.size(1)
+        if prompt.size(0) != 1 or t + max_new_tokens > self.max_seq_len:
+            raise ValueError(f"generate takes one row of at most max_seq_len "
+                             f"{self.max_seq_len} - max_new_tokens tokens, got "
+                             f"{list(prompt.shape)} + {max_new_tokens}")
+        keys, values = self.new_cache(1)
+        logits = self.forward_with_cache(prompt, keys, values)[:, -1]  # (1, V)
+        out = [prompt]
+        for step in range(max_new_tokens):
+            token = logits.argmax(-1, keepdim=True)  # (1, 1)
+            out.append(token)
+            if step + 1 < max_new_tokens:
+                pos = torch.tensor([t + step], device=prompt.device)
+                logits = self.decode(token, keys, values, pos)
+        return torch.cat(out, dim=1)
+
+
+def _metadata(path: str) -> Dict[str, str]:
+    """The ``forward`` program's metadata, read from the package without loading it."""
+    try:
+        return torch._C._aoti.AOTIModelPackageLoader.load_metadata_from_package(path, "forward")
+    except RuntimeError as e:
+        raise ValueError(f"{path} is not a gptfn AOTInductor package: "
+                         f"{str(e).splitlines()[0]}") from None
+
+
+def load(path) -> AOTIPackage:
+    """Load a package written by ``python -m export aoti``."""
+    return AOTIPackage(str(path))
