@@ -10,6 +10,7 @@ the export suite's verification report (one run each). On the run's device and d
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -27,7 +28,7 @@ def bench_artifacts(quick: bool, rounds: int, preset: str = "gpt2",
     from export.aoti import load as load_aoti
     from export.build import build, check_request, load_torchscript
     from export.verify import verify
-    from gptfn import GPTConfig, GPTModel, generate
+    from gptfn import GPTConfig, GPTModel, generate, quantize
 
     target = target or Target.parse()
 
@@ -59,24 +60,44 @@ def bench_artifacts(quick: bool, rounds: int, preset: str = "gpt2",
         samples = interleaved({k: (lambda r=r: r(idx)) for k, r in runners.items()},
                               rounds=rounds, warmup=2, clock=target.clock())
         # generation: every runner that decodes through a cache, against gptfn's compiled
-        # decode step (what the AOTInductor package is to match), prefill included
+        # decode step (what the AOTInductor package is to match); each gen(n) makes n tokens
         generators = {
-            "eager": lambda: generate(model, idx, new_tokens),
-            "compiled": lambda: generate(model, idx, new_tokens, compile=True),
-            "torchscript": lambda: runners["torchscript"].generate(idx, new_tokens, 0.0, 0, 0),
-            "aoti": lambda: runners["aoti"].generate(idx, new_tokens),
+            "eager": lambda n: generate(model, idx, n),
+            "compiled": lambda n: generate(model, idx, n, compile=True),
+            "torchscript": lambda n: runners["torchscript"].generate(idx, n, 0.0, 0, 0),
+            "aoti": lambda n: runners["aoti"].generate(idx, n),
         }
-        log(f"artifacts: generating {new_tokens} tokens, {rounds} interleaved rounds")
-        decoding = interleaved(generators, rounds=rounds, warmup=1, clock=target.clock())
-        cpp_ms = (_cpp_ms_per_token(paths["aoti"], idx, new_tokens, rounds, Path(tmp), log)
+        # weight formats (CPU, fp32 compute): their AOTInductor package against their
+        # compiled decode step
+        schemes = (("int8",) if quick else ("bf16", "int8")) if _formats_apply(target) else ()
+        for scheme in schemes:
+            formatted = quantize(model, scheme).eval()
+            name = f"aoti {scheme}"
+            log(f"artifacts: building and verifying the {scheme} AOTInductor package")
+            reports[name] = build("aoti", formatted, Path(tmp) / f"gpt_aoti_{scheme}.pt2",
+                                  max_seq_len,
+                                  lambda k, p, m=formatted: verify(k, p, m, max_seq_len))
+            package = load_aoti(Path(tmp) / f"gpt_aoti_{scheme}.pt2")
+            generators[f"compiled {scheme}"] = (
+                lambda n, m=formatted: generate(m, idx, n, compile=True))
+            generators[name] = lambda n, r=package: r.generate(idx, n)
+        log(f"artifacts: generating {new_tokens} tokens and 1, {rounds} interleaved rounds")
+        timed = {}
+        for name, gen in generators.items():
+            timed[name] = lambda gen=gen: gen(new_tokens)
+            timed[name + " @1"] = lambda gen=gen: gen(1)  # the prefill and first token alone
+        generations = interleaved(timed, rounds=rounds, warmup=1, clock=target.clock())
+        steps = {name: [(n - one) / (new_tokens - 1) for n, one in
+                        zip(generations.times[name], generations.times[name + " @1"])]
+                 for name in generators}  # seconds per decode step, one figure per round
+        cpp_ms = (_cpp_decode_ms(paths["aoti"], idx, new_tokens, rounds, Path(tmp), log)
                   if target.device.type == "cpu" else None)
     rows = []
     if cpp_ms is not None:
         rows.append({"variant": "aoti (C++ runner)", "forward_ms": None, "ratio_vs_eager": None,
-                     "size_mb": None, "load_s": None, "generate_ms_per_token": cpp_ms,
-                     "generate_vs_compiled": decoding.median("compiled") * 1e3 / new_tokens
-                     / cpp_ms})
-    for name in [*runners, "compiled"]:
+                     "size_mb": None, "load_s": None, "decode_ms": cpp_ms,
+                     "decode_vs_compiled": statistics.median(steps["compiled"]) * 1e3 / cpp_ms})
+    for name in [*runners, *(g for g in generators if g not in runners)]:
         rep = reports.get(name, {})
         rows.append({
             "variant": name,
@@ -84,38 +105,50 @@ def bench_artifacts(quick: bool, rounds: int, preset: str = "gpt2",
             "ratio_vs_eager": samples.ratio(name, "eager") if name in runners else None,
             "size_mb": rep["size_bytes"] / 1e6 if rep else None,
             "load_s": rep.get("load_s"),
-            "generate_ms_per_token": (decoding.median(name) * 1e3 / new_tokens
-                                      if name in generators else None),
-            "generate_vs_compiled": (decoding.ratio(name, "compiled")
-                                     if name in generators else None),
+            "decode_ms": (statistics.median(steps[name]) * 1e3 if name in steps else None),
+            "decode_vs_compiled": (statistics.median(
+                p / v for p, v in zip(steps[_compiled_peer(name)], steps[name]))
+                                   if name in steps else None),
         })
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     times = lambda v: "-" if v is None else f"{v:.2f}x"  # noqa: E731
-    lines = ["| variant | forward ms (median) | vs eager | size (MB) | load (s) | generate "
-             "ms/token | vs compiled |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| variant | forward ms (median) | vs eager | size (MB) | load (s) | decode "
+             "ms/step | vs compiled step |", "|---|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['variant']} | {fmt(r['forward_ms'], '.1f')} | "
               f"{times(r['ratio_vs_eager'])} | {fmt(r['size_mb'], '.1f')} | "
-              f"{fmt(r['load_s'], '.2f')} | {fmt(r['generate_ms_per_token'], '.2f')} | "
-              f"{times(r['generate_vs_compiled'])} |" for r in rows]
-    lines.append(f"\nForward: batch 1, {length} tokens. Generate: {new_tokens} greedy tokens "
-                 f"after the {length}-token prompt, per new token, prefill included (.pt2 "
-                 "has no cache: not timed). Ratios are medians of per-round ratios; the C++ "
-                 "runner (export/cpp/aoti_generate.cpp, CPU only) times its own second "
-                 "generation in each of as many runs, after the interleaved rounds, and is "
-                 "set against the compiled median.")
+              f"{fmt(r['load_s'], '.2f')} | {fmt(r['decode_ms'], '.2f')} | "
+              f"{times(r['decode_vs_compiled'])} |" for r in rows]
+    lines.append(f"\nForward: batch 1, {length} tokens. Decode: greedy generation of "
+                 f"{new_tokens} tokens after the {length}-token prompt less that of 1 token "
+                 f"(the prefill), over the {new_tokens - 1} steps between (.pt2 has no cache: "
+                 "not timed). \"aoti int8\" is the package of the int8 model (and so on), set "
+                 "against the compiled step of the same model. Ratios are medians of "
+                 "per-round ratios. The C++ runner (export/cpp/aoti_generate.cpp, CPU only) "
+                 "times its own decode steps in a second generation, one run per round after "
+                 "the interleaved rounds, and is set against the compiled step's median.")
     return {"workload": "artifacts", "config": cfg.to_dict(), "device": str(target.device),
             "dtype": target.dtype_name, "prompt": length, "new_tokens": new_tokens,
             "max_seq_len": max_seq_len, "rounds": rounds, "samples_s": samples.times,
-            "generate_samples_s": decoding.times, "cpp_ms_per_token": cpp_ms,
+            "generate_samples_s": generations.times, "cpp_decode_ms": cpp_ms,
             "reports": reports, "rows": rows, "environment": environment(),
             "table": "\n".join(lines)}
 
 
-def _cpp_ms_per_token(package: Path, idx, new_tokens: int, rounds: int, tmp: Path,
+def _formats_apply(target: Target) -> bool:
+    """Weight formats compute in fp32 on the CPU: only there are their packages built."""
+    return target.device.type == "cpu" and target.dtype == torch.float32
+
+
+def _compiled_peer(name: str) -> str:
+    """The compiled decode step a generation is set against: the one of its own format."""
+    scheme = name.split(" ")[-1] if " " in name else None
+    return f"compiled {scheme}" if scheme in ("bf16", "fp16", "int8") else "compiled"
+
+
+def _cpp_decode_ms(package: Path, idx, new_tokens: int, rounds: int, tmp: Path,
                       log) -> Optional[float]:
-    """The C++ AOTInductor runner's ms per new token (median of ``rounds`` runs), or None
+    """The C++ AOTInductor runner's ms per decode step (median of ``rounds`` runs), or None
     where it cannot be built here (no C++ compiler)."""
-    import statistics
     import subprocess
     import sys
 
@@ -133,5 +166,5 @@ def _cpp_ms_per_token(package: Path, idx, new_tokens: int, rounds: int, tmp: Pat
     times = []
     for _ in range(rounds):
         run = subprocess.run(command, capture_output=True, text=True, check=True)
-        times.append(float(run.stderr.split("ms_per_token")[-1]))
+        times.append(float(run.stderr.split("decode_ms_per_token")[-1]))
     return statistics.median(times)

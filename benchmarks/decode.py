@@ -146,7 +146,7 @@ def bench_decode(quick: bool, rounds: int, preset: str = "gpt2", prompt_len: int
     ours = ["hf"] + (["hf_compiled"] if hf_compiled else []) + ["eager", "compiled"]
     models = {"eager": model, "compiled": model}
     if not target.is_cuda and target.dtype == torch.float32:  # weight formats: CPU, fp32 compute
-        from gptfn.quantize import quantize
+        from gptfn.quantization import quantize
 
         for scheme in FORMATS:
             quantized = quantize(model, scheme)

@@ -39,8 +39,8 @@ def _cache(config: GPTConfig, batch: int, max_seq_len: int, dtype, device) -> Li
 
 
 def export_programs(config: GPTConfig, params: Dict[str, Tensor], max_seq_len: int,
-                    device) -> Dict[str, torch.export.ExportedProgram]:
-    """torch.export of the package's two programs (see the module docstring)."""
+                    device, names=PROGRAMS) -> Dict[str, torch.export.ExportedProgram]:
+    """torch.export of the package's programs ``names`` (see the module docstring)."""
     from torch.export import Dim
 
     dtype = params["wpe.weight"].dtype  # the compute dtype (a weight format keeps wpe)
@@ -57,14 +57,37 @@ def export_programs(config: GPTConfig, params: Dict[str, Tensor], max_seq_len: i
     def cache(b: int) -> List[Tensor]:
         return _cache(config, b, max_seq_len, dtype, device)
 
+    programs = {}
     with torch.no_grad():
-        forward = torch.export.export(
-            CachedForward(config, params).eval(), (idx, cache(2), cache(2)),
-            dynamic_shapes={"idx": {0: batch, 1: seq}, "keys": every_layer,
-                            "values": every_layer})
-        decode = torch.export.export(DecodeStep(config, params).eval(),
-                                     (token, cache(1), cache(1), pos))
-    return {"forward": forward, "decode": decode}
+        if "forward" in names:
+            programs["forward"] = torch.export.export(
+                CachedForward(config, params).eval(), (idx, cache(2), cache(2)),
+                dynamic_shapes={"idx": {0: batch, 1: seq}, "keys": every_layer,
+                                "values": every_layer})
+        if "decode" in names:
+            programs["decode"] = torch.export.export(DecodeStep(config, params).eval(),
+                                                     (token, cache(1), cache(1), pos))
+    return programs
+
+
+def routed_forward(config: GPTConfig, params: Dict[str, Tensor], max_seq_len: int):
+    """``idx (B, T) -> logits`` through the package's forward program as it is before
+    AOTInductor compiles it (on the CPU: rewritten onto gptfn's kernels), run op by op."""
+    from gptfn.kernels import load
+    from gptfn.kernels.route import rewrite
+
+    device = params["wpe.weight"].device
+    program = export_programs(config, params, max_seq_len, device, names=("forward",))["forward"]
+    if device.type == "cpu":
+        load()
+        rewrite(program.graph_module)
+    module, dtype = program.module(), params["wpe.weight"].dtype
+
+    def forward(idx: Tensor) -> Tensor:
+        keys, values = (_cache(config, idx.size(0), max_seq_len, dtype, device) for _ in "kv")
+        return module(idx, keys, values)
+
+    return forward
 
 
 def package(config: GPTConfig, params: Dict[str, Tensor], max_seq_len: int,

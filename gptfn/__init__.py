@@ -40,6 +40,7 @@ _EXPORTS = {
     "generate": "gptfn.generation",
     "stream": "gptfn.generation",
     "left_pad": "gptfn.generation",
+    "quantize": "gptfn.quantization",
 }
 _SUBMODULES = ("functional",)
 

@@ -290,7 +290,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from gptfn.quantize import quantize
+    from gptfn.quantization import quantize
     from gptfn.weights.resolve import load_model
 
     source = Path(args.model).expanduser()

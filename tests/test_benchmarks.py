@@ -114,6 +114,15 @@ def test_quick_suite_writes_reports(tmp_path):
         assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG", name
     memory = json.loads((tmp_path / "memory.json").read_text())
     assert all(r["peak_mb"] >= r["after_build_mb"] > 0 for r in memory["rows"])
+    artifacts = {r["variant"]: r for r in
+                 json.loads((tmp_path / "artifacts.json").read_text())["rows"]}
+    # every cached decoder timed per step against the compiled step of its own model, the
+    # int8 package and the C++ runner included
+    decoders = {"eager", "compiled", "torchscript", "aoti", "compiled int8", "aoti int8",
+                "aoti (C++ runner)"}
+    assert {n for n, r in artifacts.items() if r["decode_ms"] is not None} == decoders
+    assert all(artifacts[n]["decode_ms"] > 0 < artifacts[n]["decode_vs_compiled"]
+               for n in decoders)
     compiled = json.loads((tmp_path / "compile.json").read_text())
     assert compiled["cold"]["graphs_after_warmup"] == compiled["warm"]["graphs_after_warmup"] == 0
     # the peers run where their engines are installed (make test installs them), and say

@@ -149,7 +149,7 @@ def test_cpp_aoti_runner_generates_the_same_tokens(tiny_dir, aoti_export, tmp_pa
     model = GPTModel.from_pretrained(tiny_dir)
     want = generate(model, torch.tensor([prompt]), 19)[0].tolist()
     assert [int(t) for t in r.stdout.split()] == want
-    assert float(r.stderr.split("ms_per_token")[-1]) > 0
+    assert float(r.stderr.split("decode_ms_per_token")[-1]) > 0
     without = subprocess.run([str(binary), str(out), "3", "1"], capture_output=True, text=True)
     assert without.returncode == 2 and "pass --kernels" in without.stderr
     missing = subprocess.run([str(binary), "--kernels", load(), str(tmp_path / "no.pt2"), "3",
@@ -181,6 +181,30 @@ def test_bf16_aoti_is_held_to_an_fp32_reference(tiny_dir, tmp_path):
         assert got.dtype == torch.bfloat16
         reference = model.float()(idx)  # the bf16 weights, upcast, in fp32
         assert (got.float() - reference).abs().max() <= allowed
+
+
+def test_int8_aoti_package_is_held_to_the_exact_product(tiny_dir, tmp_path):
+    """An int8 model's package runs gptfn's kernels, which quantize activations: it is
+    held to the core's exact product as closely as those kernels are, run eagerly."""
+    import json
+
+    import gptfn
+    from export.aoti import load
+
+    gptfn.quantize(GPTModel.from_pretrained(tiny_dir), "int8").save_pretrained(tmp_path / "q")
+    out = tmp_path / "gpt_aoti.pt2"
+    r = export("aoti", "--model", str(tmp_path / "q"), "--out", str(out), "--max-seq-len", "24")
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "gpt_aoti.pt2.report.json").read_text())
+    checks = [*report["error_vs_fp32"].values(), report["decode_error_vs_fp32"]]
+    for check in checks:
+        assert 0 < check["eager"] and check["artifact"] <= check["allowed"]
+    package = load(out)
+    model = GPTModel.from_pretrained(tmp_path / "q")
+    idx = random_idx(model.config, 1, 9)
+    with torch.no_grad():
+        error = (package(idx) - model(idx)).abs().max()
+    assert 0 < error <= max(c["allowed"] for c in checks)
 
 
 def test_half_check_rejects_an_artifact_that_computes_something_else():

@@ -8,8 +8,8 @@ import torch
 from gptfn import GPTModel
 from gptfn.generation import generate
 from gptfn.kernels import load, route
+from gptfn.quantization import dequantize_params, int8_per_channel, quantize
 from gptfn.scripting import script
-from gptfn.quantize import dequantize_params, int8_per_channel, quantize
 from tests.helpers import random_idx, tiny_config
 
 load()

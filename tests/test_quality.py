@@ -22,7 +22,7 @@ import torch
 
 from gptfn import GPTModel
 from gptfn.kernels import route
-from gptfn.quantize import quantize
+from gptfn.quantization import quantize
 from gptfn.tokenizer import BPETokenizer
 
 TRAIN_FILES = ["argparse.py", "textwrap.py", "shutil.py", "tarfile.py", "inspect.py",

@@ -1,5 +1,8 @@
 """The transform into a weight format: ``gptfn.quantize(model_or_params, scheme)``.
 
+(This module is ``quantization``, not ``quantize``: a submodule of that name would shadow
+the function ``gptfn.quantize`` on the package, as ``generation`` does not ``generate``.)
+
 ``bf16`` / ``fp16`` round the matrices to that dtype. ``int8`` is symmetric, one fp32 scale
 per output channel (``scale = max |w| / 127`` over the channel, ``q = round(w / scale)``),
 the layout ``gptfn.formats`` describes. Everything else is kept in fp32. The result runs
