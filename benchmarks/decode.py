@@ -14,6 +14,10 @@ Variants, same weights, dtype and prompt, interleaved in rounds after a warm-up:
 - ``eager_bf16``, ``compiled_bf16``, ``eager_int8``, ``compiled_int8`` (CPU, fp32 runs):
   the same model in a weight format (``gptfn.quantize``); generation runs its decode step
   through gptfn's kernels (``gptfn.kernels.route``), as captured or compiled by inductor;
+- ``aoti``, ``aoti_bf16``, ``aoti_int8`` (CPU, fp32 runs, batch 1): the AOTInductor
+  package of each of those models (``export.aoti``: its forward program prefills, its
+  decode program steps, through gptfn's kernels), built before the rounds (its time is
+  reported with the compile times);
 - ``gemv``: a matrix-vector product (``torch.mv``) over a 256 MiB matrix (1 GiB on CUDA)
   with rows of 768 at the run's dtype, measured in the same rounds;
 - ``stream``: a plain sum over the same matrix: what the memory system delivers to a
@@ -152,10 +156,15 @@ def bench_decode(quick: bool, rounds: int, preset: str = "gpt2", prompt_len: int
             quantized = quantize(model, scheme)
             models.update({f"eager_{scheme}": quantized, f"compiled_{scheme}": quantized})
     formats = [name for name in models if name not in ("eager", "compiled")]
+    # AOTInductor packages: batch 1, CPU, fp32 compute (their decode program's), of each model
+    sources, packages = {}, {}
+    if not target.is_cuda and target.dtype == torch.float32 and batch_size == 1:
+        sources = {"aoti" + name[len("eager"):]: models[name] for name in models
+                   if name.startswith("eager")}
     off = "peers run at batch 1 on the CPU" if batch_size != 1 or target.is_cuda else None
     with peer_engines(peers, peer_files, cfg, params32, torch.get_num_threads(), off,
                       log) as (engines, skipped):
-        names = ours + formats + list(engines)
+        names = ours + formats + list(sources) + list(engines)
         rates: Dict[str, List[float]] = {name: [] for name in names}
         tokens: Dict[str, torch.Tensor] = {}
 
@@ -168,6 +177,15 @@ def bench_decode(quick: bool, rounds: int, preset: str = "gpt2", prompt_len: int
             with torch.no_grad():
                 for tok in generate_tokens(models[name], idx, new_tokens, compile=compile):
                     out.append(tok)
+                    stamps.append(clock.stamp())
+            rates[name].append(rate(stamps))
+            tokens[name] = torch.stack(out, 1).cpu()
+
+        def run_package(name: str):
+            stamps, out = [], []
+            with torch.no_grad():
+                for tok in packages[name].tokens(idx, new_tokens):
+                    out.append(tok.view(-1))
                     stamps.append(clock.stamp())
             rates[name].append(rate(stamps))
             tokens[name] = torch.stack(out, 1).cpu()
@@ -196,6 +214,8 @@ def bench_decode(quick: bool, rounds: int, preset: str = "gpt2", prompt_len: int
         firsts = [(name, lambda name=name: run_ours(name)) for name in models
                   if name.startswith("compiled")]
         firsts.append(("hf_compiled", lambda: run_hf("hf_compiled", static)))
+        firsts += [(name, lambda name=name: packages.update(
+            {name: _package(sources[name], prompt_len + new_tokens)})) for name in sources]
         for name, first in firsts:
             if name in rates:
                 t0 = time.perf_counter()
@@ -206,6 +226,7 @@ def bench_decode(quick: bool, rounds: int, preset: str = "gpt2", prompt_len: int
             "hf": lambda: run_hf("hf", {}),
             "hf_compiled": lambda: run_hf("hf_compiled", static),
             **{name: (lambda name=name: run_ours(name)) for name in models},
+            **{name: (lambda name=name: run_package(name)) for name in sources},
             "gemv": gemv,
             "stream": stream,
             **{name: (lambda name=name: run_peer(name)) for name in engines},
@@ -217,7 +238,8 @@ def bench_decode(quick: bool, rounds: int, preset: str = "gpt2", prompt_len: int
                               progress=lambda m: log(f"  {m}"))
         for v in rates.values():
             del v[0]  # the warm-up round
-        agreement = _agreement(cfg, model, hf, idx, tokens, target, strict=ours)
+        agreement = _agreement(cfg, model, hf, idx, tokens, target,
+                               strict=ours + [n for n in sources if n == "aoti"])
         bandwidth = [probe_bytes / t for t in samples.times["gemv"]]  # bytes/s per round
         streaming = [probe_bytes / t for t in samples.times["stream"]]
         spec_bandwidth, _ = target.spec()
@@ -228,6 +250,9 @@ def bench_decode(quick: bool, rounds: int, preset: str = "gpt2", prompt_len: int
         reads = {name: step_bytes for name in ours}  # bytes a step reads, by variant
         for name in formats:
             reads[name] = format_bytes(models[name], cfg) + need["cache"]
+        for name, source in sources.items():
+            reads[name] = (format_bytes(source, cfg) if name != "aoti" else need["params"]) \
+                + need["cache"]
         for name in engines:
             engine, precision = PEERS[name]
             peer = bytes_per_step(cfg, prompt_len + new_tokens, 1, WEIGHT_BYTES[precision],
@@ -313,17 +338,33 @@ _MATCHES = {"fp32": ("", "llama.cpp-f32"), "bf16": ("_bf16", "llama.cpp-f16"),
             "int8": ("_int8", "llama.cpp-q8_0")}
 
 
+def _package(model, max_seq_len: int):
+    """``model``'s AOTInductor package (``export.aoti``), built and loaded."""
+    import tempfile
+    from pathlib import Path
+
+    from export.aoti import load, package
+    from gptfn.generation import model_parts
+
+    config, params = model_parts(model)
+    with tempfile.TemporaryDirectory(prefix="gptfn-decode-") as tmp:
+        path = Path(tmp) / "package.pt2"
+        path.write_bytes(package(config, params, max_seq_len))
+        return load(path)
+
+
 def _against_llama_cpp(rates: Dict[str, List[float]], per_token: Samples,
                        dtype_name: str) -> List[dict]:
-    """For each precision where both ran: gptfn's faster variant (eager or compiled, by
-    median) against llama.cpp's, as the median of per-round speed ratios. The plain
-    variants run at the run's dtype (fp32 on the CPU by default)."""
+    """For each precision where both ran: gptfn's fastest variant (eager, compiled or its
+    AOTInductor package, by median) against llama.cpp's, as the median of per-round speed
+    ratios. The plain variants run at the run's dtype (fp32 on the CPU by default)."""
     out = []
     for precision, (suffix, peer) in _MATCHES.items():
         if suffix == "":
             precision = dtype_name
             peer = "llama.cpp-f32" if dtype_name == "fp32" else "llama.cpp-f16"
-        ours = [n for n in (f"eager{suffix}", f"compiled{suffix}") if rates.get(n)]
+        ours = [n for n in (f"eager{suffix}", f"compiled{suffix}", f"aoti{suffix}")
+                if rates.get(n)]
         if not ours or not rates.get(peer):
             continue
         best = max(ours, key=lambda n: statistics.median(rates[n]))

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import io
 import warnings
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, Iterator, List, Tuple
 
 import torch
 from torch import Tensor
@@ -174,6 +174,10 @@ class AOTIPackage:
 
     def generate(self, prompt: Tensor, max_new_tokens: int) -> Tensor:
         """Greedy decoding of one row. Shapes: prompt (1, T) -> (1, T + max_new_tokens)."""
+        return torch.cat([prompt, *self.tokens(prompt, max_new_tokens)], dim=1)
+
+    def tokens(self, prompt: Tensor, max_new_tokens: int) -> Iterator[Tensor]:
+        """``generate``'s new tokens as they come: (1, 1) tensors."""
         t = prompt.size(1)
         if prompt.size(0) != 1 or t + max_new_tokens > self.max_seq_len:
             raise ValueError(f"generate takes one row of at most max_seq_len "
@@ -181,14 +185,12 @@ class AOTIPackage:
                              f"{list(prompt.shape)} + {max_new_tokens}")
         keys, values = self.new_cache(1)
         logits = self.forward_with_cache(prompt, keys, values)[:, -1]  # (1, V)
-        out = [prompt]
         for step in range(max_new_tokens):
             token = logits.argmax(-1, keepdim=True)  # (1, 1)
-            out.append(token)
+            yield token
             if step + 1 < max_new_tokens:
                 pos = torch.tensor([t + step], device=prompt.device)
                 logits = self.decode(token, keys, values, pos)
-        return torch.cat(out, dim=1)
 
 
 def _metadata(path: str) -> Dict[str, str]:

@@ -131,8 +131,10 @@ def test_quick_suite_writes_reports(tmp_path):
 
     running = set(PEERS) - set(missing(list(PEERS)))
     decode = json.loads((tmp_path / "decode.json").read_text())
-    formats = {f"{mode}_{scheme}" for mode in ("eager", "compiled") for scheme in ("bf16", "int8")}
-    assert {r["variant"] for r in decode["rows"]} == {"hf", "eager", "compiled"} | formats | running
+    formats = {f"{mode}_{scheme}" for mode in ("eager", "compiled", "aoti")
+               for scheme in ("bf16", "int8")}
+    assert {r["variant"] for r in decode["rows"]} == ({"hf", "eager", "compiled", "aoti"}
+                                                      | formats | running)
     assert all(r["mb_per_token"] > 0 for r in decode["rows"])
     mb = {r["variant"]: r["mb_per_token"] for r in decode["rows"]}
     assert mb["eager_int8"] < mb["eager_bf16"] < mb["eager"]  # each format reads its own bytes
@@ -145,7 +147,8 @@ def test_quick_suite_writes_reports(tmp_path):
         p: peer for p, peer in want.items() if peer in running}
     for precision, a in against.items():
         suffix = "" if precision == "fp32" else f"_{precision}"
-        assert a["gptfn"] in (f"eager{suffix}", f"compiled{suffix}") and a["ratio"] > 0
+        assert a["gptfn"] in (f"eager{suffix}", f"compiled{suffix}", f"aoti{suffix}")
+        assert a["ratio"] > 0
     prefill = json.loads((tmp_path / "prefill.json").read_text())
     assert {r["variant"] for r in prefill["rows"]} == {"hf", "eager"} | running
     for key, error in prefill["peer_errors"].items():  # each peer computed the same model
