@@ -14,8 +14,8 @@ Variants, same weights, dtype and prompt, interleaved in rounds after a warm-up:
 - ``eager_bf16``, ``compiled_bf16``, ``eager_int8``, ``compiled_int8`` (CPU, fp32 runs):
   the same model in a weight format (``gptfn.quantize``); generation runs its decode step
   through gptfn's kernels (``gptfn.kernels.route``), as captured or compiled by inductor;
-- ``aoti``, ``aoti_bf16``, ``aoti_int8`` (CPU, fp32 runs, batch 1): the AOTInductor
-  package of each of those models (``export.aoti``: its forward program prefills, its
+- ``aoti``, ``aoti_bf16``, ``aoti_int8`` (CPU, fp32 runs, batch 1; ``--quick``: int8
+  only): the AOTInductor package of each of those models (``export.aoti``: its forward program prefills, its
   decode program steps, through gptfn's kernels), built before the rounds (its time is
   reported with the compile times);
 - ``gemv``: a matrix-vector product (``torch.mv``) over a 256 MiB matrix (1 GiB on CUDA)
@@ -160,7 +160,8 @@ def bench_decode(quick: bool, rounds: int, preset: str = "gpt2", prompt_len: int
     sources, packages = {}, {}
     if not target.is_cuda and target.dtype == torch.float32 and batch_size == 1:
         sources = {"aoti" + name[len("eager"):]: models[name] for name in models
-                   if name.startswith("eager")}
+                   if name.startswith("eager") and (not quick or name == "eager_int8")}
+        # (--quick, in the test suite: the int8 package only; each costs half a minute)
     off = "peers run at batch 1 on the CPU" if batch_size != 1 or target.is_cuda else None
     with peer_engines(peers, peer_files, cfg, params32, torch.get_num_threads(), off,
                       log) as (engines, skipped):
