@@ -15,9 +15,9 @@ Variants, same weights, dtype and prompt, interleaved in rounds after a warm-up:
   the same model in a weight format (``gptfn.quantize``); generation runs its decode step
   through gptfn's kernels (``gptfn.kernels.route``), as captured or compiled by inductor;
 - ``aoti``, ``aoti_bf16``, ``aoti_int8`` (CPU, fp32 runs, batch 1; ``--quick``: int8
-  only): the AOTInductor package of each of those models (``export.aoti``: its forward program prefills, its
-  decode program steps, through gptfn's kernels), built before the rounds (its time is
-  reported with the compile times);
+  only): the AOTInductor package of each of those models (``export.aoti``: its forward
+  program prefills, its decode program steps, through gptfn's kernels), built before the
+  rounds (its time is reported with the compile times);
 - ``gemv``: a matrix-vector product (``torch.mv``) over a 256 MiB matrix (1 GiB on CUDA)
   with rows of 768 at the run's dtype, measured in the same rounds;
 - ``stream``: a plain sum over the same matrix: what the memory system delivers to a
