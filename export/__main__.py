@@ -48,6 +48,7 @@ def main(argv=None, prog: str = "python -m export") -> int:
     args = parser.parse_args(argv)
     from export.engines import EngineError
     from export.errors import VerificationError
+    from gptfn.kernels import KernelBuildError
 
     previous = _terminate_as_interrupt()
     try:
@@ -80,7 +81,7 @@ def main(argv=None, prog: str = "python -m export") -> int:
     except (VerificationError, EngineError) as e:
         print(f"export: verification failed, nothing kept: {e}", file=sys.stderr)
         return 1
-    except (ValueError, OSError, ImportError) as e:
+    except (ValueError, OSError, ImportError, KernelBuildError) as e:
         print(f"export: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -31,6 +31,7 @@ from export.build import _TREESPEC_DEPRECATED
 from gptfn.config import GPTConfig
 
 PROGRAMS = ("forward", "decode")
+MAX_BATCH = 1024  # the forward program's batch dimension ranges over 1..MAX_BATCH
 
 
 def _cache(config: GPTConfig, batch: int, max_seq_len: int, dtype, device) -> List[Tensor]:
@@ -48,7 +49,7 @@ def export_programs(config: GPTConfig, params: Dict[str, Tensor], max_seq_len: i
     # package stores each storage once (loaded weights are often views of one file's map)
     params = {k: v.detach().clone(memory_format=torch.contiguous_format)
               for k, v in params.items()}
-    batch, seq = Dim("batch", min=1, max=1024), Dim("seq", min=1, max=max_seq_len)
+    batch, seq = Dim("batch", min=1, max=MAX_BATCH), Dim("seq", min=1, max=max_seq_len)
     every_layer = [{0: batch}] * config.num_layers
     idx = torch.zeros(2, min(8, max_seq_len), dtype=torch.long, device=device)
     token = torch.zeros(1, 1, dtype=torch.long, device=device)
@@ -150,6 +151,7 @@ class AOTIPackage:
         self.num_layers = int(meta["gptfn.num_layers"])
         self.num_heads, self.head_dim = int(meta["gptfn.num_heads"]), int(meta["gptfn.head_dim"])
         self.max_seq_len = int(meta["gptfn.max_seq_len"])
+        self.vocab_size = int(meta["gptfn.vocab_size"])
         self.dtype = getattr(torch, meta["gptfn.dtype"])
         self.device = torch.device(meta.get("AOTI_DEVICE_KEY", "cpu"))
 
@@ -161,12 +163,46 @@ class AOTIPackage:
 
     def forward_with_cache(self, idx: Tensor, keys: List[Tensor], values: List[Tensor]):
         """Shapes: idx (B, T) -> logits (B, T, V); fills cache slots 0..T-1."""
+        self._check_tokens(idx, "idx", max_batch=MAX_BATCH, max_len=self.max_seq_len)
+        self._check_cache(keys, values, idx.size(0))
         return self._forward(idx, keys, values)
 
     def decode(self, token: Tensor, keys: List[Tensor], values: List[Tensor],
                input_pos: Tensor) -> Tensor:
         """Shapes: token (1, 1), input_pos (1,) -> logits (1, V); fills slot input_pos."""
+        self._check_tokens(token, "token", max_batch=1, max_len=1)
+        self._check_cache(keys, values, 1)
+        if (not isinstance(input_pos, Tensor) or input_pos.shape != (1,)
+                or input_pos.dtype != torch.long or input_pos.device != self.device
+                or not 0 <= int(input_pos) < self.max_seq_len):
+            raise ValueError(f"input_pos must be a (1,) int64 tensor on {self.device} in "
+                             f"[0, {self.max_seq_len}), got {_describe(input_pos)}")
         return self._decode(token, keys, values, input_pos)
+
+    # The compiled programs do not check their inputs: a wrong shape or dtype there reads
+    # or writes past a buffer. So every input is checked here, before it reaches them.
+    def _check_tokens(self, idx, name: str, max_batch: int, max_len: int) -> None:
+        if (not isinstance(idx, Tensor) or idx.dim() != 2 or idx.dtype != torch.long
+                or idx.device != self.device):
+            raise ValueError(f"{name} must be a 2-D int64 tensor of token ids on "
+                             f"{self.device}, got {_describe(idx)}")
+        b, t = idx.shape
+        if not (1 <= b <= max_batch and 1 <= t <= max_len):
+            raise ValueError(f"{name} must have 1 to {max_batch} rows of 1 to {max_len} tokens, "
+                             f"got {list(idx.shape)}")
+        if int(idx.min()) < 0 or int(idx.max()) >= self.vocab_size:
+            raise ValueError(f"{name} holds ids outside the vocabulary [0, {self.vocab_size})")
+
+    def _check_cache(self, keys, values, batch: int) -> None:
+        shape = (batch, self.num_heads, self.max_seq_len, self.head_dim)
+        for name, cache in (("keys", keys), ("values", values)):
+            if (not isinstance(cache, (list, tuple)) or len(cache) != self.num_layers
+                    or not all(isinstance(c, Tensor) and tuple(c.shape) == shape
+                               and c.dtype == self.dtype and c.device == self.device
+                               and c.is_contiguous() for c in cache)):
+                raise ValueError(f"{name} must be a list of {self.num_layers} contiguous "
+                                 f"{self.dtype} tensors of shape {list(shape)} on "
+                                 f"{self.device} (new_cache({batch}) makes them)")
 
     def __call__(self, idx: Tensor) -> Tensor:
         """Shapes: idx (B, T) -> logits (B, T, V)."""
@@ -178,19 +214,31 @@ class AOTIPackage:
 
     def tokens(self, prompt: Tensor, max_new_tokens: int) -> Iterator[Tensor]:
         """``generate``'s new tokens as they come: (1, 1) tensors."""
+        self._check_tokens(prompt, "prompt", max_batch=1, max_len=self.max_seq_len)
         t = prompt.size(1)
-        if prompt.size(0) != 1 or t + max_new_tokens > self.max_seq_len:
-            raise ValueError(f"generate takes one row of at most max_seq_len "
-                             f"{self.max_seq_len} - max_new_tokens tokens, got "
-                             f"{list(prompt.shape)} + {max_new_tokens}")
+        if (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
+                or not 0 <= max_new_tokens <= self.max_seq_len - t):
+            raise ValueError(f"max_new_tokens must be an int in [0, {self.max_seq_len - t}] "
+                             f"(max_seq_len {self.max_seq_len} less the prompt's {t}), got "
+                             f"{max_new_tokens!r}")
+        return self._tokens(prompt, max_new_tokens)
+
+    def _tokens(self, prompt: Tensor, max_new_tokens: int) -> Iterator[Tensor]:
+        t = prompt.size(1)
         keys, values = self.new_cache(1)
-        logits = self.forward_with_cache(prompt, keys, values)[:, -1]  # (1, V)
+        logits = self._forward(prompt, keys, values)[:, -1]  # (1, V)
         for step in range(max_new_tokens):
-            token = logits.argmax(-1, keepdim=True)  # (1, 1)
+            token = logits.argmax(-1, keepdim=True)  # (1, 1): an id in the vocabulary
             yield token
-            if step + 1 < max_new_tokens:
+            if step + 1 < max_new_tokens:  # slot t + step < max_seq_len, checked above
                 pos = torch.tensor([t + step], device=prompt.device)
-                logits = self.decode(token, keys, values, pos)
+                logits = self._decode(token, keys, values, pos)
+
+
+def _describe(value) -> str:
+    if isinstance(value, Tensor):
+        return f"{value.dtype} {list(value.shape)} on {value.device}"
+    return type(value).__name__
 
 
 def _metadata(path: str) -> Dict[str, str]:

@@ -1,6 +1,6 @@
 """Committing an export: its artifact(s) and their report, as one unit.
 
-An export writes files that belong together: the artifact (two packages for ``aoti``) and
+An export writes files that belong together: the artifact and
 ``OUT.report.json``, which names each artifact with its size and sha256. The report is the
 commit record, renamed into place last:
 

@@ -129,6 +129,30 @@ def test_aoti_package_runs_gptfns_kernels_on_the_cpu(tiny_dir, aoti_export):
     assert calls.get("gptfn::cached_attention") == layers  # decode only: forward is causal
 
 
+def test_aoti_package_refuses_what_its_programs_would_read_past(aoti_export):
+    """The compiled programs do not check their inputs (a wrong shape there is a write past
+    a buffer): the runner does, and says what is wrong."""
+    from export.aoti import load
+
+    package = load(aoti_export[0])  # max_seq_len 24
+    keys, values = package.new_cache(1)
+    ids = torch.tensor([[1, 2, 3]])
+    bad = [
+        (lambda: package.forward_with_cache(ids.repeat(4, 1), keys, values), "keys must be"),
+        (lambda: package(torch.zeros(1, 0, dtype=torch.long)), "1 to 24 tokens"),
+        (lambda: package(ids.int()), "int64"),
+        (lambda: package(torch.tensor([[10 ** 6]])), "outside the vocabulary"),
+        (lambda: package(torch.zeros(1, 25, dtype=torch.long)), "1 to 24 tokens"),
+        (lambda: package.decode(ids[:, :1], keys, values, torch.tensor([24])), "input_pos"),
+        (lambda: package.decode(ids[:, :2], keys, values, torch.tensor([3])), "token must"),
+        (lambda: package.generate(ids, 22), "max_new_tokens must be an int in \\[0, 21\\]"),
+    ]
+    for call, message in bad:
+        with pytest.raises(ValueError, match=message):
+            call()
+    assert package.generate(ids, 21).shape == (1, 24)  # the limit itself is fine
+
+
 def test_cpp_aoti_runner_generates_the_same_tokens(tiny_dir, aoti_export, tmp_path):
     import shutil
 

@@ -7,7 +7,8 @@
 // Prints the full sequence (prompt + new tokens) as space-separated ids. A package built on
 // the CPU calls gptfn's kernels (its metadata says gptfn.kernels=1): --kernels names their
 // library, which this program loads first (`python -c "from gptfn.kernels import load;
-// print(load())"` prints its path). --time generates twice (the first a warm-up) and prints
+// print(load())"` prints its path; give a path: a bare name is looked up on the library
+// path, as dlopen does). It runs CPU packages. --time generates twice (the first a warm-up) and prints
 // the second's prefill milliseconds and milliseconds per decode step on stderr.
 //
 // The package keeps its weights outside the programs (data/weights/, one torch.save'd
@@ -20,7 +21,10 @@
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 #include <torch/serialize.h>
 
+#include <cctype>
+#include <cerrno>
 #include <chrono>
+#include <climits>
 #include <cstdlib>
 #include <iostream>
 #include <map>
@@ -80,10 +84,11 @@ class ConfigReader {
     ++i_;
   }
   bool next_is(char c) { return peek() == c ? (++i_, true) : false; }
-  std::string string() {
+  std::string string() {  // torch's names and file names: no escapes
     expect('"');
     size_t end = s_.find('"', i_);
     if (end == std::string::npos) throw std::runtime_error("weights_config.json: open string");
+    if (s_.find('\\', i_) < end) throw std::runtime_error("weights_config.json: an escape");
     std::string out = s_.substr(i_, end - i_);
     i_ = end + 1;
     return out;
@@ -91,7 +96,12 @@ class ConfigReader {
   int64_t integer() {
     peek();
     size_t used = 0;
-    int64_t v = std::stoll(s_.substr(i_, 24), &used);
+    int64_t v = 0;
+    try {
+      v = std::stoll(s_.substr(i_, 24), &used);
+    } catch (const std::logic_error&) {  // invalid_argument, out_of_range
+      throw std::runtime_error("weights_config.json: expected an integer");
+    }
     i_ += used;
     return v;
   }
@@ -108,9 +118,11 @@ class ConfigReader {
   size_t i_ = 0;
 };
 
-std::string record(caffe2::serialize::PyTorchStreamReader& archive, const std::string& name) {
+std::vector<char> record(caffe2::serialize::PyTorchStreamReader& archive,
+                         const std::string& name) {
   auto [data, size] = archive.getRecord(name);
-  return std::string(static_cast<const char*>(data.get()), size);
+  const char* p = static_cast<const char*>(data.get());
+  return std::vector<char>(p, p + size);
 }
 
 // Both programs' constants, each file read once: the programs share the tensors.
@@ -119,15 +131,14 @@ void load_weights(const std::string& path, std::vector<Loader*> programs,
   caffe2::serialize::PyTorchStreamReader archive(path);
   std::unordered_map<std::string, at::Tensor> files;
   for (size_t p = 0; p < programs.size(); ++p) {
-    auto places =
-        ConfigReader(record(archive, "data/aotinductor/" + names[p] + "/weights_config.json"))
-            .read();
+    std::vector<char> config =
+        record(archive, "data/aotinductor/" + names[p] + "/weights_config.json");
+    auto places = ConfigReader(std::string(config.begin(), config.end())).read();
     std::unordered_map<std::string, at::Tensor> constants;
     for (const auto& [name, place] : places) {
       auto found = files.find(place.file);
       if (found == files.end()) {
-        std::string bytes = record(archive, "data/weights/" + place.file);
-        auto tensor = torch::pickle_load(std::vector<char>(bytes.begin(), bytes.end())).toTensor();
+        auto tensor = torch::pickle_load(record(archive, "data/weights/" + place.file)).toTensor();
         found = files.emplace(place.file, tensor).first;
       }
       constants[name] = found->second.as_strided(place.shape, place.stride, place.offset);
@@ -142,6 +153,16 @@ int64_t meta_int(std::unordered_map<std::string, std::string>& meta, const std::
   auto it = meta.find(key);
   if (it == meta.end()) throw std::runtime_error("not a gptfn package: no metadata " + key);
   return std::stoll(it->second);
+}
+
+// A whole decimal number in [lo, hi], or false (no silent 0 for "abc", no "5x" read as 5).
+bool parse_int(const char* text, int64_t lo, int64_t hi, int64_t* out) {
+  errno = 0;
+  char* end = nullptr;
+  const long long v = std::strtoll(text, &end, 10);
+  if (errno != 0 || end == text || *end != '\0' || v < lo || v > hi) return false;
+  *out = v;
+  return true;
 }
 
 int usage(const char* argv0) {
@@ -168,13 +189,24 @@ int main(int argc, char** argv) {
   }
   if (argc - a < 3) return usage(argv[0]);
   const std::string path = argv[a];
-  const int64_t max_new_tokens = std::atoll(argv[a + 1]);
+  int64_t max_new_tokens = 0;
+  if (!parse_int(argv[a + 1], 1, INT_MAX, &max_new_tokens)) {
+    std::cerr << "MAX_NEW_TOKENS must be a whole number >= 1, got " << argv[a + 1] << "\n";
+    return 2;
+  }
   std::vector<int64_t> ids;
-  for (int i = a + 2; i < argc; ++i) ids.push_back(std::atoll(argv[i]));
+  for (int i = a + 2; i < argc; ++i) {
+    int64_t id = 0;
+    if (!parse_int(argv[i], 0, INT_MAX, &id)) {
+      std::cerr << "token ids must be whole numbers >= 0, got " << argv[i] << "\n";
+      return 2;
+    }
+    ids.push_back(id);
+  }
 
   std::unordered_map<std::string, std::string> meta;
   std::unique_ptr<Loader> forward, decode;
-  int64_t layers = 0, heads = 0, head_dim = 0, max_seq_len = 0;
+  int64_t layers = 0, heads = 0, head_dim = 0, max_seq_len = 0, vocab_size = 0;
   at::ScalarType dtype = at::kFloat;
   try {
     meta = Loader::load_metadata_from_package(path, "forward");
@@ -182,6 +214,12 @@ int main(int argc, char** argv) {
     heads = meta_int(meta, "gptfn.num_heads");
     head_dim = meta_int(meta, "gptfn.head_dim");
     max_seq_len = meta_int(meta, "gptfn.max_seq_len");
+    vocab_size = meta_int(meta, "gptfn.vocab_size");
+    if (meta["AOTI_DEVICE_KEY"] != "cpu") {
+      std::cerr << "this runner runs CPU packages; " << path << " is for "
+                << meta["AOTI_DEVICE_KEY"] << "\n";
+      return 2;
+    }
     const std::string dt = meta["gptfn.dtype"];
     dtype = dt == "bfloat16" ? at::kBFloat16 : dt == "float16" ? at::kHalf : at::kFloat;
     if (meta["gptfn.kernels"] == "1") {
@@ -207,10 +245,16 @@ int main(int argc, char** argv) {
     return 1;
   }
   const int64_t t = static_cast<int64_t>(ids.size());
-  if (t == 0 || max_new_tokens < 1 || t + max_new_tokens > max_seq_len) {
+  if (t == 0 || max_new_tokens > max_seq_len - t) {
     std::cerr << "need a prompt and 1 <= MAX_NEW_TOKENS with prompt + new tokens <= "
               << max_seq_len << " (the package's max_seq_len)\n";
     return 2;
+  }
+  for (int64_t id : ids) {
+    if (id >= vocab_size) {
+      std::cerr << "token id " << id << " is outside the vocabulary [0, " << vocab_size << ")\n";
+      return 2;
+    }
   }
   c10::InferenceMode no_grad;
   auto cache = [&] {
