@@ -155,9 +155,13 @@ class AOTIPackage:
         self.dtype = getattr(torch, meta["gptfn.dtype"])
         self.device = torch.device(meta.get("AOTI_DEVICE_KEY", "cpu"))
 
+    def cache_shape(self, batch: int) -> Tuple[int, int, int, int]:
+        """The shape of each layer's keys (and values) for ``batch`` rows."""
+        return (batch, self.num_heads, self.max_seq_len, self.head_dim)
+
     def new_cache(self, batch: int) -> Tuple[List[Tensor], List[Tensor]]:
         """Empty keys and values caches for ``batch`` rows."""
-        shape = (batch, self.num_heads, self.max_seq_len, self.head_dim)
+        shape = self.cache_shape(batch)
         return tuple([torch.zeros(shape, dtype=self.dtype, device=self.device)
                       for _ in range(self.num_layers)] for _ in range(2))
 
@@ -194,7 +198,7 @@ class AOTIPackage:
             raise ValueError(f"{name} holds ids outside the vocabulary [0, {self.vocab_size})")
 
     def _check_cache(self, keys, values, batch: int) -> None:
-        shape = (batch, self.num_heads, self.max_seq_len, self.head_dim)
+        shape = self.cache_shape(batch)
         for name, cache in (("keys", keys), ("values", values)):
             if (not isinstance(cache, (list, tuple)) or len(cache) != self.num_layers
                     or not all(isinstance(c, Tensor) and tuple(c.shape) == shape
