@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from benchmarks.harness import write_report
-from benchmarks.peers import PEERS, PeerFiles, parse_peers
+from benchmarks.peers import PEERS, PRECISIONS, PeerFiles, parse_peers
 
 WORKLOADS = ("decode", "prefill", "training", "loading", "compile", "artifacts", "memory",
              "tokenize", "prepare")
@@ -86,6 +86,10 @@ def main(argv=None) -> int:
                         help="torch threads (default: torch's own choice)")
     parser.add_argument("--rounds", type=positive_int, default=None,
                         help="interleaved rounds (default 7, 3 with --quick)")
+    parser.add_argument("--precisions", default=",".join(PRECISIONS),
+                        help="gptfn's precisions in decode, beside eager fp32 and HF: a comma "
+                             f"list of {', '.join(PRECISIONS)} (default: all; fewer need less "
+                             "memory, as GPT-2 XL does)")
     parser.add_argument("--peers", default="all",
                         help="engines beside gptfn in decode and prefill: all (default: those "
                              "installed), none, or a comma list of " + ", ".join(PEERS)
@@ -99,6 +103,10 @@ def main(argv=None) -> int:
         args.peers = parse_peers(args.peers)
     except ValueError as exc:
         parser.error(f"--peers: {exc}")
+    args.precisions = [p.strip() for p in args.precisions.split(",")]
+    if not args.precisions or any(p not in PRECISIONS for p in args.precisions):
+        parser.error(f"--precisions: expected a comma list of {', '.join(PRECISIONS)}, got "
+                     f"{','.join(args.precisions)!r}")
     from gptfn import GPTConfig
 
     try:
@@ -148,11 +156,15 @@ def _run_workloads(args, rounds: int, target, out: Path, plot_result, peer_files
         if name == "decode":
             result = decode.bench_decode(args.quick, rounds, preset=args.model, target=target,
                                          hf_compiled=args.hf_compiled or None,
-                                         peers=args.peers, peer_files=peer_files)
+                                         peers=args.peers, peer_files=peer_files,
+                                         precisions=args.precisions)
             _report(out, result, plot_result)
+            if args.batch_size == 1:  # the batched run would be this one again
+                continue
             result = decode.bench_decode(args.quick, rounds, preset=args.model,
                                          batch_size=args.batch_size or (4 if args.quick else 8),
-                                         target=target, hf_compiled=args.hf_compiled or None)
+                                         target=target, hf_compiled=args.hf_compiled or None,
+                                         precisions=args.precisions)
         elif name == "prefill":
             result = prefill.bench_prefill(args.quick, rounds, preset=args.model, target=target,
                                            peers=args.peers, peer_files=peer_files)

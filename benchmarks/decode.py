@@ -45,7 +45,7 @@ import torch
 from benchmarks.device import Clock, Target, per_round
 from benchmarks.harness import (Samples, environment, hf_peer, interleaved, quick_config,
                                 relative_error)
-from benchmarks.peers import (CACHE_BYTES, PEERS, WEIGHT_BYTES, PeerFiles, fp32_copy,
+from benchmarks.peers import (CACHE_BYTES, PEERS, PRECISIONS, WEIGHT_BYTES, PeerFiles, fp32_copy,
                               peer_engines)
 
 
@@ -98,7 +98,7 @@ def bandwidth_probes(target: Target, mib: int = 256):
     return gemv, stream, w.numel() * itemsize
 
 
-FORMATS = ("bf16", "int8")  # the weight formats measured beside fp32
+FORMATS = PRECISIONS[1:]  # the weight formats measured beside fp32
 
 
 def format_bytes(model, config) -> int:
@@ -127,7 +127,11 @@ def _hf_compile_kwargs(target: Target) -> dict:
 def bench_decode(quick: bool, rounds: int, preset: str = "gpt2", prompt_len: int = 128,
                  new_tokens: int = 64, batch_size: int = 1, target: Optional[Target] = None,
                  hf_compiled: Optional[bool] = None, peers: Sequence[str] = (),
-                 peer_files: Optional[PeerFiles] = None, log=print) -> dict:
+                 peer_files: Optional[PeerFiles] = None, precisions: Sequence[str] = PRECISIONS,
+                 log=print) -> dict:
+    """The decode workload. ``precisions``: which of gptfn's (fp32, bf16, int8) run beside
+    eager fp32 and HF, which always run (the references); a run of fewer needs less memory,
+    which GPT-2 XL does."""
     from gptfn import GPTConfig, GPTModel
     from gptfn.generation import generate_tokens
 
@@ -140,19 +144,21 @@ def bench_decode(quick: bool, rounds: int, preset: str = "gpt2", prompt_len: int
         cfg = GPTConfig.from_preset(preset, dropout_rate=0.0)
     torch.manual_seed(0)
     model = GPTModel(cfg, seed=0).eval()
-    hf = hf_peer(cfg, model, target)
+    hf = hf_peer(cfg, model, target, share=True)
     params32 = fp32_copy(model) if peers else {}  # what the peers' files are written from
     model = model.to(device=target.device, dtype=target.dtype)
     idx = torch.randint(0, cfg.vocab_size, (batch_size, prompt_len),
                         generator=torch.Generator().manual_seed(0)).to(target.device)
     mask = torch.ones_like(idx)
     clock = target.clock()
-    ours = ["hf"] + (["hf_compiled"] if hf_compiled else []) + ["eager", "compiled"]
-    models = {"eager": model, "compiled": model}
+    plain = "fp32" in precisions or target.dtype != torch.float32
+    ours = ["hf"] + (["hf_compiled"] if hf_compiled else []) + ["eager"] \
+        + (["compiled"] if plain else [])
+    models = {"eager": model, **({"compiled": model} if plain else {})}
     if not target.is_cuda and target.dtype == torch.float32:  # weight formats: CPU, fp32 compute
         from gptfn.quantization import quantize
 
-        for scheme in FORMATS:
+        for scheme in (f for f in FORMATS if f in precisions):
             quantized = quantize(model, scheme)
             models.update({f"eager_{scheme}": quantized, f"compiled_{scheme}": quantized})
     formats = [name for name in models if name not in ("eager", "compiled")]
@@ -160,8 +166,21 @@ def bench_decode(quick: bool, rounds: int, preset: str = "gpt2", prompt_len: int
     sources, packages = {}, {}
     if not target.is_cuda and target.dtype == torch.float32 and batch_size == 1:
         sources = {"aoti" + name[len("eager"):]: models[name] for name in models
-                   if name.startswith("eager") and (not quick or name == "eager_int8")}
+                   if name.startswith("eager") and (not quick or name == "eager_int8")
+                   and (name != "eager" or plain)}
         # (--quick, in the test suite: the int8 package only; each costs half a minute)
+    built_s, unbuilt = {}, {}
+    for name in list(sources):
+        why = _no_room_for_package(format_bytes(sources[name], cfg))
+        if why:
+            unbuilt[name] = why
+            del sources[name]
+            log(f"  {name} left out: {why}")
+    for name, source in sources.items():  # before the peers start: a build's peak memory
+        t0 = time.perf_counter()
+        log(f"  {name}: building the AOTInductor package")
+        packages[name] = _package(source, prompt_len + new_tokens)
+        built_s[name] = time.perf_counter() - t0
     off = "peers run at batch 1 on the CPU" if batch_size != 1 or target.is_cuda else None
     with peer_engines(peers, peer_files, cfg, params32, torch.get_num_threads(), off,
                       log) as (engines, skipped):
@@ -215,13 +234,12 @@ def bench_decode(quick: bool, rounds: int, preset: str = "gpt2", prompt_len: int
         firsts = [(name, lambda name=name: run_ours(name)) for name in models
                   if name.startswith("compiled")]
         firsts.append(("hf_compiled", lambda: run_hf("hf_compiled", static)))
-        firsts += [(name, lambda name=name: packages.update(
-            {name: _package(sources[name], prompt_len + new_tokens)})) for name in sources]
+        firsts += [(name, lambda name=name: run_package(name)) for name in sources]
         for name, first in firsts:
             if name in rates:
                 t0 = time.perf_counter()
                 first()  # compile outside the timed rounds
-                compile_s[name] = time.perf_counter() - t0
+                compile_s[name] = time.perf_counter() - t0 + built_s.get(name, 0.0)
                 log(f"  {name}: compile + first run {compile_s[name]:.1f} s")
         variants = {
             "hf": lambda: run_hf("hf", {}),
@@ -299,7 +317,9 @@ def bench_decode(quick: bool, rounds: int, preset: str = "gpt2", prompt_len: int
                    + ", ".join(f"{k} {v:.1f} s" for k, v in compile_s.items())
                    + f"; {agreement['summary']}"
                    + ("; peers left out: " + "; ".join(f"{k} ({v})" for k, v in skipped.items())
-                      if skipped else "")]
+                      if skipped else "")
+                   + ("; packages left out: " + "; ".join(f"{k} ({v})" for k, v in
+                                                         unbuilt.items()) if unbuilt else "")]
             + (["", "gptfn's faster path at each precision against llama.cpp at its own "
                     "(median of per-round ratios):", "",
                 "| precision | gptfn | tokens/s | llama.cpp | tokens/s | gptfn / llama.cpp |",
@@ -327,6 +347,7 @@ def bench_decode(quick: bool, rounds: int, preset: str = "gpt2", prompt_len: int
             "compile_s": compile_s,
             "agreement": agreement,
             "peers_left_out": skipped,
+            "packages_left_out": unbuilt,
             "rows": rows,
             "against_llama_cpp": against,
             "environment": environment(),
@@ -337,6 +358,26 @@ def bench_decode(quick: bool, rounds: int, preset: str = "gpt2", prompt_len: int
 # precision -> (gptfn's variants at it, llama.cpp's variant at the nearest precision)
 _MATCHES = {"fp32": ("", "llama.cpp-f32"), "bf16": ("_bf16", "llama.cpp-f16"),
             "int8": ("_int8", "llama.cpp-q8_0")}
+
+
+def _no_room_for_package(weight_bytes: int) -> Optional[str]:
+    """Why this machine has too little memory to build and run a package of ``weight_bytes``
+    of weights beside the other variants and the peers (None: it has enough, or the memory
+    cannot be read). AOTInductor's build holds several copies of the weights at its peak
+    and the process keeps some of it afterwards: GPT-2 XL in fp32 (6.2 GB) was killed for
+    memory at 24 GB, 18 GB beyond the model's own; in bf16 (3.1 GB) the build passed but
+    left the process 10 GB larger than its models, and the peer's weights were paged out."""
+    need = 6 * weight_bytes
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        available = int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+    if need <= available:
+        return None
+    return (f"building it needs about {need / 1e9:.0f} GB of memory, "
+            f"{available / 1e9:.0f} GB available")
 
 
 def _package(model, max_seq_len: int):

@@ -124,15 +124,20 @@ def write_report(out_dir: Path, name: str, result: dict, table: str) -> None:
     atomic_write_text(out_dir / f"{name}.md", table + "\n")
 
 
-def hf_peer(cfg, model, target):
+def hf_peer(cfg, model, target, share: bool = False):
     """HF's GPT2LMHeadModel holding ``model``'s weights (checked: every key taken), on the
-    target's device and dtype, in eval mode."""
+    target's device and dtype, in eval mode. ``share``: HF's parameters are ``model``'s own
+    tensors where the device and dtype already match (GPT-2 XL's 6 GB once, not twice), for
+    inference only: a step of HF's optimizer would change ``model``."""
     import transformers
 
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg.to_hf_dict()))
-    missing, unexpected = hf.transformer.load_state_dict(model.state_dict(), strict=False)
+    missing, unexpected = hf.transformer.load_state_dict(model.state_dict(), strict=False,
+                                                         assign=share)
     if unexpected or any(not k.endswith(("attn.bias", "attn.masked_bias")) for k in missing):
         raise RuntimeError(f"HF model did not take gptfn's weights: {missing} {unexpected}")
+    if share:
+        hf.tie_weights()  # assign replaced wte's tensor; the head must follow it
     return hf.to(device=target.device, dtype=target.dtype).eval()
 
 

@@ -31,6 +31,8 @@ PEERS: Dict[str, Tuple[str, str]] = {
     "onnxruntime-fp32": ("onnxruntime", "fp32"),
     "onnxruntime-int8": ("onnxruntime", "int8"),
 }
+# gptfn's precisions in the decode workload, each held against llama.cpp's nearest
+PRECISIONS = ("fp32", "bf16", "int8")
 # bytes one weight takes, and one KV-cache value, in each peer (for MBU): q8_0 stores 32
 # int8 values and a float16 scale per block; llama.cpp keeps its KV cache in float16
 WEIGHT_BYTES = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32, "fp32": 4.0, "int8": 1.0}
@@ -77,11 +79,13 @@ def missing(names: List[str]) -> Dict[str, str]:
 
 
 def fp32_copy(model) -> Dict[str, Tensor]:
-    """The model's parameters as float32 copies (the model itself may be cast afterwards)."""
+    """The model's parameters in float32, read only (to write the peers' files): the
+    model's own tensors where they are float32 already, which a later cast of the model
+    (``model.to``) leaves as they are; copies otherwise."""
     from gptfn.generation import model_parts
 
     _, params = model_parts(model)
-    return {k: v.detach().float().clone() for k, v in params.items()}
+    return {k: v.detach().float() for k, v in params.items()}
 
 
 class PeerFiles:

@@ -1,13 +1,15 @@
 """Prefill workload: time to first token for prompts of 128, 512 and 1024 tokens.
 
-Variants (same weights, same prompt, interleaved rounds after a warm-up): HF
-transformers' forward with ``use_cache=True, logits_to_keep=1`` (what its ``generate`` runs
-first), and gptfn's ``prefill`` into a static KV cache (eager; it also computes the last
-position's logits only); on the run's device and dtype (``--device``, ``--dtype``). On the
-CPU, the peers too (``benchmarks.peers``: llama.cpp and ONNX Runtime on gptfn's GGUF and
-ONNX exports, each in its own process, timed by its own clock around one pass over the
-prompt; llama.cpp computes the last position's logits only, ONNX Runtime every position's,
-as optimum's export does).
+Variants (same weights, same prompt, interleaved rounds after a warm-up): HF transformers'
+forward with ``use_cache=True, logits_to_keep=1`` (what its ``generate`` runs first), and
+gptfn's ``prefill`` into a static KV cache (eager; it also computes the last position's
+logits only); on the run's device and dtype (``--device``, ``--dtype``). On the CPU in
+fp32, gptfn's weight formats too (``eager_bf16``, ``eager_int8``: the same prefill over the
+quantized parameters: the core widens each matrix to fp32 and calls the BLAS, so a format
+saves no time where the products are bound by compute), and the peers
+(``benchmarks.peers``: llama.cpp and ONNX Runtime on gptfn's GGUF and ONNX exports, each in
+its own process, timed by its own clock around one pass over the prompt; llama.cpp computes
+the last position's logits only, ONNX Runtime every position's, as optimum's export does).
 
 MFU = FLOPs of the prefill / time / peak FLOP/s. FLOPs follow nanoGPT's count for a forward
 pass, 2 N + 4 L T C per token (N: the weights' parameters without the embeddings; attention
@@ -25,7 +27,7 @@ import torch
 
 from benchmarks.device import Target, gemm_probe, per_round
 from benchmarks.harness import environment, hf_peer, interleaved, quick_config, relative_error
-from benchmarks.peers import PeerFiles, fp32_copy, peer_engines
+from benchmarks.peers import PRECISIONS, PeerFiles, fp32_copy, peer_engines
 
 
 def prefill_flops(cfg, t: int) -> int:
@@ -53,10 +55,15 @@ def bench_prefill(quick: bool, rounds: int, preset: str = "gpt2",
         cfg = GPTConfig.from_preset(preset, dropout_rate=0.0)
         lengths = [128, 512, 1024]
     model = GPTModel(cfg, seed=0).eval()
-    hf = hf_peer(cfg, model, target)
+    hf = hf_peer(cfg, model, target, share=True)
     params32 = fp32_copy(model) if peers else {}  # what the peers' files are written from
     model = model.to(device=target.device, dtype=target.dtype)
     _, params = model_parts(model)
+    formats = {}  # gptfn's weight formats beside fp32: CPU, fp32 compute
+    if not target.is_cuda and target.dtype == torch.float32:
+        from gptfn.quantization import quantize_params
+
+        formats = {f"eager_{scheme}": quantize_params(params, scheme) for scheme in PRECISIONS[1:]}
     clock = target.clock()
     gemm, gemm_flops = gemm_probe(target)
     _, spec_flops = target.spec()
@@ -71,7 +78,7 @@ def bench_prefill(quick: bool, rounds: int, preset: str = "gpt2",
         for t in lengths:
             idx = torch.randint(0, cfg.vocab_size, (1, t), generator=gen).to(target.device)
 
-            def ours():
+            def ours(params=params):
                 with torch.no_grad():
                     cache = KVCache.create(cfg, 1, t, dtype=target.dtype, device=target.device)
                     return prefill(params, idx, cache, cfg)[0]
@@ -95,8 +102,11 @@ def bench_prefill(quick: bool, rounds: int, preset: str = "gpt2",
             for name in engines:
                 errors[(t, name)] = relative_error(peer(name), ours()[0].float())
                 peer_s[name].clear()
+            for name, quantized in formats.items():
+                errors[(t, name)] = relative_error(ours(quantized)[0], ours()[0])
             log(f"prefill T={t} on {target.describe()}: {rounds} interleaved rounds")
             variants = {"hf": theirs, "eager": ours, "gemm": gemm,
+                        **{name: (lambda p=p: ours(p)) for name, p in formats.items()},
                         **{name: (lambda name=name: peer(name)) for name in engines}}
             samples = interleaved(variants, rounds=rounds, warmup=1, clock=clock)
             for name in engines:
@@ -104,7 +114,7 @@ def bench_prefill(quick: bool, rounds: int, preset: str = "gpt2",
             samples_all[t] = samples.times
             flops = prefill_flops(cfg, t)
             peaks = per_round(spec_flops, gemm_flops, samples.times["gemm"])
-            for name in ("hf", "eager", *engines):
+            for name in ("hf", "eager", *formats, *engines):
                 mfu = [flops / s / p for s, p in zip(samples.times[name], peaks)]
                 rows.append({"T": t, "variant": name, "ttft_ms": samples.median(name) * 1e3,
                              "min_ms": min(samples.times[name]) * 1e3,
@@ -123,13 +133,17 @@ def bench_prefill(quick: bool, rounds: int, preset: str = "gpt2",
                   "GFLOP/s (median)" + (f"; datasheet peak {spec_flops / 1e12:.0f} TFLOP/s"
                                         if spec_flops else "")]
     if errors:
-        lines[-1] += ("; the peers' last logits against gptfn's (relative error): "
+        lines[-1] += ("; the formats' and the peers' last logits against gptfn fp32's "
+                      "(relative error): "
                       + ", ".join(f"{name} at T={t} {e:.1e}" for (t, name), e in errors.items()))
     if skipped:
         lines[-1] += "; peers left out: " + "; ".join(f"{k} ({v})" for k, v in skipped.items())
     return {"workload": "prefill", "config": cfg.to_dict(), "device": str(target.device),
             "dtype": target.dtype_name, "rounds": rounds, "samples_s": samples_all,
             "gemm_flops": gemm_flops, "spec_flops": spec_flops, "rows": rows,
-            "peer_errors": {f"{name}@{t}": e for (t, name), e in errors.items()},
+            "peer_errors": {f"{name}@{t}": e for (t, name), e in errors.items()
+                            if name not in formats},
+            "format_errors": {f"{name}@{t}": e for (t, name), e in errors.items()
+                              if name in formats},
             "peers_left_out": skipped,
             "environment": environment(), "table": "\n".join(lines)}

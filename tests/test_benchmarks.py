@@ -152,9 +152,13 @@ def test_quick_suite_writes_reports(tmp_path):
         assert a["gptfn"] in (f"eager{suffix}", f"compiled{suffix}", f"aoti{suffix}")
         assert a["ratio"] > 0
     prefill = json.loads((tmp_path / "prefill.json").read_text())
-    assert {r["variant"] for r in prefill["rows"]} == {"hf", "eager"} | running
+    assert {r["variant"] for r in prefill["rows"]} == {"hf", "eager", "eager_bf16",
+                                                       "eager_int8"} | running
     for key, error in prefill["peer_errors"].items():  # each peer computed the same model
         assert error < (0.1 if "int8" in key or "q8_0" in key else 2e-3), key
+    errors = prefill["format_errors"]  # each format the fp32 model, within its rounding
+    assert set(errors) == {f"eager_{s}@{t}" for s in ("bf16", "int8") for t in (32, 128)}
+    assert all(0 < e < 5e-2 for e in errors.values()), errors
 
 
 def test_quick_bf16_with_hf_compiled_peer(tmp_path):
@@ -170,6 +174,46 @@ def test_quick_bf16_with_hf_compiled_peer(tmp_path):
     assert 0 <= 32 * 2**20 - decode["gemv_bytes"] < 2 * 768  # 32 MiB of bf16 rows of 768
     prefill = json.loads((tmp_path / "prefill.json").read_text())
     assert all(0 < row["mfu"] for row in prefill["rows"])
+
+
+def test_decode_at_chosen_precisions_only(tmp_path):
+    # what GPT-2 XL needs to fit in memory: one precision a run, and no batched run
+    r = subprocess.run([sys.executable, "-m", "benchmarks", "decode", "--quick", "--rounds", "1",
+                        "--precisions", "bf16", "--batch-size", "1", "--peers", "none",
+                        "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    decode = json.loads((tmp_path / "decode.json").read_text())
+    assert [r["variant"] for r in decode["rows"]] == ["hf", "eager", "eager_bf16",
+                                                      "compiled_bf16"]
+    assert not (tmp_path / "decode_b1.json").exists()
+    r = subprocess.run([sys.executable, "-m", "benchmarks", "decode", "--precisions", "fp16"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "--precisions: expected a comma list of fp32, bf16, int8" \
+        in r.stderr
+
+
+def test_hf_peer_can_share_the_weights():
+    from benchmarks.harness import hf_peer, quick_config
+    from gptfn import GPTModel
+
+    cfg = quick_config()
+    model = GPTModel(cfg, seed=0).eval()
+    hf = hf_peer(cfg, model, Target.parse(), share=True)
+    wte = model.state_dict()["wte.weight"]
+    assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr() == \
+        wte.data_ptr()  # one copy, the head tied to it
+    idx = torch.randint(0, cfg.vocab_size, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, model(idx), rtol=1e-4, atol=1e-4)
+
+
+def test_a_package_is_left_out_where_memory_is_short():
+    from benchmarks.decode import _no_room_for_package
+
+    assert _no_room_for_package(1) is None
+    why = _no_room_for_package(10**15)  # a petabyte of weights
+    assert why.startswith("building it needs about 6000000 GB of memory")
 
 
 def test_peers_are_named_or_refused():
