@@ -45,7 +45,7 @@ import torch
 from benchmarks.device import Clock, Target, per_round
 from benchmarks.harness import (Samples, environment, hf_peer, interleaved, quick_config,
                                 relative_error)
-from benchmarks.peers import (CACHE_BYTES, PEERS, PRECISIONS, WEIGHT_BYTES, PeerFiles, fp32_copy,
+from benchmarks.peers import (CACHE_BYTES, PEERS, PRECISIONS, WEIGHT_BYTES, PeerFiles, fp32_params,
                               peer_engines)
 
 
@@ -145,7 +145,7 @@ def bench_decode(quick: bool, rounds: int, preset: str = "gpt2", prompt_len: int
     torch.manual_seed(0)
     model = GPTModel(cfg, seed=0).eval()
     hf = hf_peer(cfg, model, target, share=True)
-    params32 = fp32_copy(model) if peers else {}  # what the peers' files are written from
+    params32 = fp32_params(model) if peers else {}  # what the peers' files are written from
     model = model.to(device=target.device, dtype=target.dtype)
     idx = torch.randint(0, cfg.vocab_size, (batch_size, prompt_len),
                         generator=torch.Generator().manual_seed(0)).to(target.device)

@@ -78,7 +78,7 @@ def missing(names: List[str]) -> Dict[str, str]:
     return why
 
 
-def fp32_copy(model) -> Dict[str, Tensor]:
+def fp32_params(model) -> Dict[str, Tensor]:
     """The model's parameters in float32, read only (to write the peers' files): the
     model's own tensors where they are float32 already, which a later cast of the model
     (``model.to``) leaves as they are; copies otherwise."""

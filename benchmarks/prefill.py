@@ -27,7 +27,7 @@ import torch
 
 from benchmarks.device import Target, gemm_probe, per_round
 from benchmarks.harness import environment, hf_peer, interleaved, quick_config, relative_error
-from benchmarks.peers import PRECISIONS, PeerFiles, fp32_copy, peer_engines
+from benchmarks.peers import PRECISIONS, PeerFiles, fp32_params, peer_engines
 
 
 def prefill_flops(cfg, t: int) -> int:
@@ -56,7 +56,7 @@ def bench_prefill(quick: bool, rounds: int, preset: str = "gpt2",
         lengths = [128, 512, 1024]
     model = GPTModel(cfg, seed=0).eval()
     hf = hf_peer(cfg, model, target, share=True)
-    params32 = fp32_copy(model) if peers else {}  # what the peers' files are written from
+    params32 = fp32_params(model) if peers else {}  # what the peers' files are written from
     model = model.to(device=target.device, dtype=target.dtype)
     _, params = model_parts(model)
     formats = {}  # gptfn's weight formats beside fp32: CPU, fp32 compute
