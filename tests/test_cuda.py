@@ -91,3 +91,20 @@ def test_cuda_events_time_device_work():
         x = x @ x / 2048
     seconds = clock.seconds(start, clock.stamp())
     assert 0 < seconds < 10
+
+
+@pytest.mark.parametrize("scheme", ["bf16", "int8"])
+def test_weight_formats_generate_on_the_gpu(scheme):
+    import gptfn
+
+    cfg = tiny_config(vocab_size=256, context_length=64, embed_dim=64)
+    model = gptfn.quantize(GPTModel(cfg, seed=0).eval(), scheme)
+    idx = random_idx(cfg, 2, 16)
+    with torch.no_grad():
+        expected = model(idx)  # the CPU route of the same format
+        gpu = model.to("cuda")
+        assert all(t.device.type == "cuda" for t in gpu.state_dict().values())
+        got = gpu(idx.cuda()).cpu()
+    assert (got - expected).abs().max() < 1e-3
+    eager = generate(gpu, idx.cuda(), 24)
+    assert torch.equal(generate(gpu, idx.cuda(), 24, compile=True), eager)
