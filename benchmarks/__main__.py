@@ -1,11 +1,11 @@
 """``python -m benchmarks [WORKLOAD...] [--quick] [--out DIR] [--model PRESET] [--device D]
 [--dtype fp32|bf16|fp16] [--rounds N] [--peers all|none|NAME,...]``.
 
-Every workload runs on the CPU in fp32 by default. The decode (batch 1) and prefill
-workloads run llama.cpp and ONNX Runtime beside gptfn where they are installed
-(``--peers``). ``--device cuda --dtype bf16`` runs the model workloads on a GPU (CUDA-event
-timing, the datasheet's bandwidth and FLOP/s as the rooflines, HF's static cache +
-torch.compile as a second peer in decode).
+Every workload runs on the CPU in fp32 by default. The decode and prefill workloads run
+llama.cpp and ONNX Runtime beside gptfn where they are installed (``--peers``; batched
+decode: llama.cpp only). ``--device cuda --dtype bf16`` runs the model workloads on a GPU
+(CUDA-event timing, the datasheet's bandwidth and FLOP/s as the rooflines, HF's static
+cache + torch.compile as a second peer in decode).
 """
 
 from __future__ import annotations
@@ -164,6 +164,7 @@ def _run_workloads(args, rounds: int, target, out: Path, plot_result, peer_files
             result = decode.bench_decode(args.quick, rounds, preset=args.model,
                                          batch_size=args.batch_size or (4 if args.quick else 8),
                                          target=target, hf_compiled=args.hf_compiled or None,
+                                         peers=args.peers, peer_files=peer_files,
                                          precisions=args.precisions)
         elif name == "prefill":
             result = prefill.bench_prefill(args.quick, rounds, preset=args.model, target=target,

@@ -22,9 +22,10 @@ Variants, same weights, dtype and prompt, interleaved in rounds after a warm-up:
   with rows of 768 at the run's dtype, measured in the same rounds;
 - ``stream``: a plain sum over the same matrix: what the memory system delivers to a
   simple vectorized read;
-- the peers (``benchmarks.peers``, at batch 1 on the CPU): llama.cpp on gptfn's GGUF export
-  (f32, f16, q8_0) and ONNX Runtime on its ONNX export (fp32, int8), each in its own
-  process with gptfn's thread count, timed by its own token timestamps; the report matches
+- the peers (``benchmarks.peers``, on the CPU): llama.cpp on gptfn's GGUF export (f32,
+  f16, q8_0) and ONNX Runtime on its ONNX export (fp32, int8), each in its own process with
+  gptfn's thread count, timed by its own token timestamps; batched, llama.cpp decodes the
+  rows as sequences of one batch (ONNX Runtime runs at batch 1 only); the report matches
   gptfn's faster path at each precision with llama.cpp's (``against_llama_cpp``).
 
 Run at batch 1 and batched (tokens/s then counts every row's tokens). Decode tokens/s
@@ -45,8 +46,8 @@ import torch
 from benchmarks.device import Clock, Target, per_round
 from benchmarks.harness import (Samples, environment, hf_peer, interleaved, quick_config,
                                 relative_error)
-from benchmarks.peers import (CACHE_BYTES, PEERS, PRECISIONS, WEIGHT_BYTES, PeerFiles, fp32_params,
-                              peer_engines)
+from benchmarks.peers import (CACHE_BYTES, FORMATS, PEERS, PRECISIONS, WEIGHT_BYTES, PeerFiles,
+                              fp32_params, peer_engines)
 
 
 class _Stamps:
@@ -96,9 +97,6 @@ def bandwidth_probes(target: Target, mib: int = 256):
         w.sum()
 
     return gemv, stream, w.numel() * itemsize
-
-
-FORMATS = PRECISIONS[1:]  # the weight formats measured beside fp32
 
 
 def format_bytes(model, config) -> int:
@@ -181,9 +179,14 @@ def bench_decode(quick: bool, rounds: int, preset: str = "gpt2", prompt_len: int
         log(f"  {name}: building the AOTInductor package")
         packages[name] = _package(source, prompt_len + new_tokens)
         built_s[name] = time.perf_counter() - t0
-    off = "peers run at batch 1 on the CPU" if batch_size != 1 or target.is_cuda else None
-    with peer_engines(peers, peer_files, cfg, params32, torch.get_num_threads(), off,
-                      log) as (engines, skipped):
+    off = "peers run on the CPU" if target.is_cuda else None
+    # batched, each row is its own sequence in llama.cpp's batch (Engine.greedy_rows);
+    # ONNX Runtime is driven one row at a time
+    unbatched = {n: "ONNX Runtime runs at batch 1 here" for n in peers
+                 if batch_size != 1 and PEERS[n][0] != "llama.cpp" and not off}
+    with peer_engines([n for n in peers if n not in unbatched], peer_files, cfg, params32,
+                      torch.get_num_threads(), off, log) as (engines, skipped):
+        skipped.update(unbatched)
         names = ours + formats + list(sources) + list(engines)
         rates: Dict[str, List[float]] = {name: [] for name in names}
         tokens: Dict[str, torch.Tensor] = {}
@@ -211,9 +214,14 @@ def bench_decode(quick: bool, rounds: int, preset: str = "gpt2", prompt_len: int
             tokens[name] = torch.stack(out, 1).cpu()
 
         def run_peer(name: str):
-            out, stamps = engines[name].greedy(idx[0].tolist(), new_tokens)
-            rates[name].append((len(stamps) - 1) / (stamps[-1] - stamps[0]))  # its own clock
-            tokens[name] = torch.tensor([out])
+            if batch_size == 1:
+                out, stamps = engines[name].greedy(idx[0].tolist(), new_tokens)
+                out = [out]
+            else:
+                out, stamps = engines[name].greedy_rows(idx.tolist(), new_tokens)
+            # the engine's own clock (perf_counter seconds), not the target's
+            rates[name].append(batch_size * (len(stamps) - 1) / (stamps[-1] - stamps[0]))
+            tokens[name] = torch.tensor(out)
 
         def run_hf(name: str, extra: dict):
             streamer = _Stamps(clock)
@@ -274,8 +282,8 @@ def bench_decode(quick: bool, rounds: int, preset: str = "gpt2", prompt_len: int
                 + need["cache"]
         for name in engines:
             engine, precision = PEERS[name]
-            peer = bytes_per_step(cfg, prompt_len + new_tokens, 1, WEIGHT_BYTES[precision],
-                                  CACHE_BYTES[engine])
+            peer = bytes_per_step(cfg, prompt_len + new_tokens, batch_size,
+                                  WEIGHT_BYTES[precision], CACHE_BYTES[engine])
             reads[name] = peer["params"] + peer["cache"]
         per_token = Samples({k: [1.0 / r for r in v] for k, v in rates.items()})  # s per token
         rows = []
@@ -363,10 +371,11 @@ _MATCHES = {"fp32": ("", "llama.cpp-f32"), "bf16": ("_bf16", "llama.cpp-f16"),
 def _no_room_for_package(weight_bytes: int) -> Optional[str]:
     """Why this machine has too little memory to build and run a package of ``weight_bytes``
     of weights beside the other variants and the peers (None: it has enough, or the memory
-    cannot be read). AOTInductor's build holds several copies of the weights at its peak
-    and the process keeps some of it afterwards: GPT-2 XL in fp32 (6.2 GB) was killed for
-    memory at 24 GB, 18 GB beyond the model's own; in bf16 (3.1 GB) the build passed but
-    left the process 10 GB larger than its models, and the peer's weights were paged out."""
+    cannot be read). AOTInductor's build holds several copies of the weights at its peak:
+    GPT-2 XL in fp32 (6.2 GB) was killed for memory at 24 GB, 18 GB beyond the model's
+    own; in bf16 (3.1 GB) the build passed, but while the compiled step compiled after it
+    the process held 22 GB against 12.4 GB of models, and the peer's weights were paged
+    out."""
     need = 6 * weight_bytes
     try:
         with open("/proc/meminfo") as f:

@@ -33,6 +33,7 @@ PEERS: Dict[str, Tuple[str, str]] = {
 }
 # gptfn's precisions in the decode workload, each held against llama.cpp's nearest
 PRECISIONS = ("fp32", "bf16", "int8")
+FORMATS = PRECISIONS[1:]  # the weight formats, measured beside fp32
 # bytes one weight takes, and one KV-cache value, in each peer (for MBU): q8_0 stores 32
 # int8 values and a float16 scale per block; llama.cpp keeps its KV cache in float16
 WEIGHT_BYTES = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32, "fp32": 4.0, "int8": 1.0}

@@ -27,7 +27,7 @@ import torch
 
 from benchmarks.device import Target, gemm_probe, per_round
 from benchmarks.harness import environment, hf_peer, interleaved, quick_config, relative_error
-from benchmarks.peers import PRECISIONS, PeerFiles, fp32_params, peer_engines
+from benchmarks.peers import FORMATS, PeerFiles, fp32_params, peer_engines
 
 
 def prefill_flops(cfg, t: int) -> int:
@@ -63,7 +63,7 @@ def bench_prefill(quick: bool, rounds: int, preset: str = "gpt2",
     if not target.is_cuda and target.dtype == torch.float32:
         from gptfn.quantization import quantize_params
 
-        formats = {f"eager_{scheme}": quantize_params(params, scheme) for scheme in PRECISIONS[1:]}
+        formats = {f"eager_{scheme}": quantize_params(params, scheme) for scheme in FORMATS}
     clock = target.clock()
     gemm, gemm_flops = gemm_probe(target)
     _, spec_flops = target.spec()

@@ -34,9 +34,14 @@ PROGRAMS = ("forward", "decode")
 MAX_BATCH = 1024  # the forward program's batch dimension ranges over 1..MAX_BATCH
 
 
+def _layer_caches(layers: int, shape: Tuple[int, ...], dtype, device) -> List[Tensor]:
+    """One zeroed keys (or values) tensor of ``shape`` per layer."""
+    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+
+
 def _cache(config: GPTConfig, batch: int, max_seq_len: int, dtype, device) -> List[Tensor]:
-    return [torch.zeros(batch, config.num_heads, max_seq_len, config.head_dim, dtype=dtype,
-                        device=device) for _ in range(config.num_layers)]
+    shape = (batch, config.num_heads, max_seq_len, config.head_dim)
+    return _layer_caches(config.num_layers, shape, dtype, device)
 
 
 def export_programs(config: GPTConfig, params: Dict[str, Tensor], max_seq_len: int,
@@ -162,8 +167,8 @@ class AOTIPackage:
     def new_cache(self, batch: int) -> Tuple[List[Tensor], List[Tensor]]:
         """Empty keys and values caches for ``batch`` rows."""
         shape = self.cache_shape(batch)
-        return tuple([torch.zeros(shape, dtype=self.dtype, device=self.device)
-                      for _ in range(self.num_layers)] for _ in range(2))
+        return tuple(_layer_caches(self.num_layers, shape, self.dtype, self.device)
+                     for _ in "kv")
 
     def forward_with_cache(self, idx: Tensor, keys: List[Tensor], values: List[Tensor]):
         """Shapes: idx (B, T) -> logits (B, T, V); fills cache slots 0..T-1."""
@@ -228,6 +233,8 @@ class AOTIPackage:
         return self._tokens(prompt, max_new_tokens)
 
     def _tokens(self, prompt: Tensor, max_new_tokens: int) -> Iterator[Tensor]:
+        if max_new_tokens == 0:
+            return  # no token to come: no prefill to run
         t = prompt.size(1)
         keys, values = self.new_cache(1)
         logits = self._forward(prompt, keys, values)[:, -1]  # (1, V)

@@ -130,6 +130,12 @@ class Engine:
         """(the n new ids, a timestamp in seconds after each)."""
         return self._call(("greedy", list(map(int, ids)), n))
 
+    def greedy_rows(self, rows: Sequence[Sequence[int]], n: int):
+        """Greedy decoding of several prompts of one length at once, each its own sequence in
+        one batch per step (llama.cpp only): (the n new ids of each row, a timestamp in
+        seconds after each step)."""
+        return self._call(("greedy_rows", [list(map(int, r)) for r in rows], n))
+
     def prefill(self, ids: Sequence[int]):
         """(last logits, seconds)."""
         return self._call(("prefill", list(map(int, ids))))
@@ -177,6 +183,72 @@ class _LlamaCpp:
         self.n_vocab = self.llm.n_vocab()
         self.info = {"n_vocab": self.n_vocab, "n_ctx": self.llm.n_ctx(),
                      "version": getattr(llama_cpp, "__version__", "?")}
+        self.threads, self.cache_types = threads, kwargs
+        self.batched = None  # (rows, cells per row, context): the context greedy_rows made
+
+    def greedy_rows(self, rows: List[List[int]], n: int):
+        """Each row its own sequence (``seq_id``) in one ``llama_batch`` per step, as
+        llama.cpp's batched and parallel examples decode, in a context of its own with a KV
+        stream per sequence; the model's weights are the loaded ones."""
+        import llama_cpp as lc
+
+        b, p = len(rows), len(rows[0])
+        ctx = self._batched_context(b, p + n)
+        lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
+        batch = lc.llama_batch_init(b * p, 0, 1)
+        try:
+            def decode(entries):  # entries: (token, position, sequence, wants logits)
+                batch.n_tokens = len(entries)
+                for i, (tok, pos, seq, out) in enumerate(entries):
+                    batch.token[i], batch.pos[i] = tok, pos
+                    batch.n_seq_id[i], batch.seq_id[i][0], batch.logits[i] = 1, seq, out
+                code = lc.llama_decode(ctx, batch)
+                if code != 0:
+                    raise RuntimeError(f"llama_decode returned {code}")
+
+            def argmax(i: int) -> int:
+                row = np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, i),
+                                            shape=(self.n_vocab,))
+                return int(np.argmax(row))
+
+            decode([(tok, pos, s, pos == p - 1) for s, r in enumerate(rows)
+                    for pos, tok in enumerate(r)])
+            last = [argmax(s * p + p - 1) for s in range(b)]  # each row's last position
+            out, stamps = [last], [time.perf_counter()]
+            for step in range(1, n):
+                decode([(tok, p + step - 1, s, True) for s, tok in enumerate(last)])
+                last = [argmax(s) for s in range(b)]
+                out.append(last)
+                stamps.append(time.perf_counter())
+        finally:
+            lc.llama_batch_free(batch)
+        return [list(col) for col in zip(*out)], stamps
+
+    def _batched_context(self, rows: int, cells: int):
+        import llama_cpp as lc
+
+        if self.batched and self.batched[:2] == (rows, cells):
+            return self.batched[2]
+        self.close_batched()
+        params = lc.llama_context_default_params()
+        per_row = -(-cells // 256) * 256  # llama.cpp pads a KV stream to 256 cells
+        params.n_ctx, params.n_seq_max, params.kv_unified = rows * per_row, rows, False
+        params.n_batch = params.n_ubatch = max(rows * cells, 512)
+        params.n_threads = params.n_threads_batch = self.threads
+        for key, value in self.cache_types.items():
+            setattr(params, key, value)
+        ctx = lc.llama_init_from_model(self.llm._model.model, params)
+        if not ctx:
+            raise RuntimeError(f"llama.cpp could not make a context for {rows} sequences")
+        self.batched = (rows, cells, ctx)
+        return ctx
+
+    def close_batched(self) -> None:
+        if self.batched:
+            import llama_cpp as lc
+
+            lc.llama_free(self.batched[2])
+            self.batched = None
 
     def _eval(self, ids: List[int]) -> np.ndarray:
         """Feed ``ids`` after what is cached; (len(ids), V) logits, or (1, V): the last
@@ -245,17 +317,21 @@ def _serve(engine: str, path: str, threads: int, exact: bool, n_ctx: int) -> Non
         _send(proto_out, ("error", f"cannot load {path}: {type(e).__name__}: {e}"))
         return
     _send(proto_out, ("ok", model.info))
-    while True:
-        try:
-            request = _receive(proto_in)
-        except EOFError:
-            return
-        if request[0] == "quit":
-            return
-        try:
-            _send(proto_out, ("ok", _answer(model, request)))
-        except Exception as e:  # noqa: BLE001
-            _send(proto_out, ("error", f"{request[0]}: {type(e).__name__}: {e}"))
+    try:
+        while True:
+            try:
+                request = _receive(proto_in)
+            except EOFError:
+                return
+            if request[0] == "quit":
+                return
+            try:
+                _send(proto_out, ("ok", _answer(model, request)))
+            except Exception as e:  # noqa: BLE001
+                _send(proto_out, ("error", f"{request[0]}: {type(e).__name__}: {e}"))
+    finally:
+        if isinstance(model, _LlamaCpp):
+            model.close_batched()  # before the model it uses is freed
 
 
 def _answer(model, request):
@@ -276,6 +352,10 @@ def _answer(model, request):
         t0 = time.perf_counter()
         logits = model._eval(args[0])[-1]
         return logits, time.perf_counter() - t0
+    if kind == "greedy_rows":
+        if not isinstance(model, _LlamaCpp):
+            raise ValueError("batched greedy decoding is driven for llama.cpp only")
+        return model.greedy_rows(*args)
     if kind == "greedy":
         ids, n = args
         out, stamps = [], []

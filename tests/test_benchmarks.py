@@ -151,6 +151,12 @@ def test_quick_suite_writes_reports(tmp_path):
         suffix = "" if precision == "fp32" else f"_{precision}"
         assert a["gptfn"] in (f"eager{suffix}", f"compiled{suffix}", f"aoti{suffix}")
         assert a["ratio"] > 0
+    # batched (4 rows in --quick), llama.cpp decodes the rows as sequences of one batch
+    batched = json.loads((tmp_path / "decode_b4.json").read_text())
+    llama = {n for n in running if n.startswith("llama.cpp")}
+    assert {r["variant"] for r in batched["rows"]} >= llama | {"hf", "eager", "compiled"}
+    assert set(batched["peers_left_out"]) == set(PEERS) - llama
+    assert batched["agreement"]["tokens_equal_to_hf"].keys() >= llama
     prefill = json.loads((tmp_path / "prefill.json").read_text())
     assert {r["variant"] for r in prefill["rows"]} == {"hf", "eager", "eager_bf16",
                                                        "eager_int8"} | running

@@ -151,6 +151,8 @@ def test_aoti_package_refuses_what_its_programs_would_read_past(aoti_export):
         with pytest.raises(ValueError, match=message):
             call()
     assert package.generate(ids, 21).shape == (1, 24)  # the limit itself is fine
+    package._forward = None  # no token asked for: the prompt's forward pass is not run
+    assert list(package.tokens(ids, 0)) == [] and torch.equal(package.generate(ids, 0), ids)
 
 
 def test_cpp_aoti_runner_generates_the_same_tokens(tiny_dir, aoti_export, tmp_path):

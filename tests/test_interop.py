@@ -181,6 +181,33 @@ def test_a_file_llama_cpp_runs_differently_is_not_kept(bpe_dir, tmp_path, monkey
     assert list(tmp_path.iterdir()) == []
 
 
+@needs_llama
+def test_llama_cpp_batched_greedy_is_each_row_alone(tmp_path):
+    from export.engines import Engine
+
+    # embeddings 30x GPT-2's scale: logits far apart, so each row's greedy tokens depend on
+    # its own prompt and positions (a random model's flat logits give one token everywhere)
+    cfg = tiny_config(context_length=40, qkv_bias=False)
+    params = randomize_ln_and_biases(init_params(cfg, 5), 6)
+    for key in ("wte.weight", "wpe.weight"):
+        params[key] = params[key] * 30
+    model = GPTModel(cfg, params=params).eval()
+    model.save_pretrained(tmp_path / "model")
+    out = tmp_path / "tiny.gguf"
+    assert export("gguf", "--model", tmp_path / "model", "--out", out) == 0
+    rows = torch.randint(0, model.config.vocab_size, (3, 12),
+                         generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = generate(model, rows, 10)[:, 12:].tolist()  # gptfn, fp32
+    assert len({tuple(r) for r in want}) == 3 and len(set(want[2])) > 1
+    with Engine("llama.cpp", out, exact=True, n_ctx=model.config.context_length) as engine:
+        got, stamps = engine.greedy_rows(rows.tolist(), 10)
+        assert got == want and len(stamps) == 10
+        assert [engine.greedy(r, 10)[0] for r in rows.tolist()] == want
+        again, _ = engine.greedy_rows(rows[:2].tolist(), 10)  # a new batch shape: a new context
+        assert again == want[:2]
+
+
 def test_engine_error_names_the_file(tmp_path):
     from export.engines import Engine, EngineError
 
