@@ -28,6 +28,10 @@ Variants, same weights, dtype and prompt, interleaved in rounds after a warm-up:
   rows as sequences of one batch (ONNX Runtime runs at batch 1 only); the report matches
   gptfn's faster path at each precision with llama.cpp's (``against_llama_cpp``).
 
+On the CPU gptfn's weights (which HF's model shares), the packages' and the probes' matrix
+are placed in 2 MB pages (``gptfn.huge_pages``, ``export.aoti.load(huge_pages=True)``), as
+a caller who decodes places them; the peers load their files as they do for a user.
+
 Run at batch 1 and batched (tokens/s then counts every row's tokens). Decode tokens/s
 counts the steps after the first new token (which comes from the prompt's forward pass),
 timed from token timestamps (HF: a streamer) on the device's clock (CUDA events on a GPU).
@@ -83,11 +87,14 @@ def bandwidth_probes(target: Target, mib: int = 256):
     """Closures timing a matrix-vector product (``torch.mv``, the BLAS route of a plain
     model's one-row products) and a plain streaming read over ``mib`` MiB at the target's
     dtype and device, and the bytes each reads."""
+    from gptfn.hugepages import place
+
     cols = 768
     itemsize = target.dtype.itemsize
     rows = mib * (1 << 20) // (itemsize * cols)
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(rows, cols, generator=gen).to(target.device, target.dtype)
+    w = place({"w": w})["w"]  # in 2 MB pages on the CPU, as gptfn's weights in decode
     x = torch.randn(1, cols, generator=gen).to(target.device, target.dtype)
 
     def gemv():
@@ -132,6 +139,7 @@ def bench_decode(quick: bool, rounds: int, preset: str = "gpt2", prompt_len: int
     which GPT-2 XL does."""
     from gptfn import GPTConfig, GPTModel
     from gptfn.generation import generate_tokens
+    from gptfn.hugepages import huge_pages
 
     target = target or Target.parse()
     hf_compiled = target.is_cuda if hf_compiled is None else hf_compiled
@@ -141,10 +149,15 @@ def bench_decode(quick: bool, rounds: int, preset: str = "gpt2", prompt_len: int
     else:
         cfg = GPTConfig.from_preset(preset, dropout_rate=0.0)
     torch.manual_seed(0)
-    model = GPTModel(cfg, seed=0).eval()
-    hf = hf_peer(cfg, model, target, share=True)
+
+    def placed(m):  # on the CPU gptfn's weights stream from 2 MB pages (gptfn.hugepages)
+        return m if target.is_cuda else huge_pages(m)
+
+    model = placed(GPTModel(cfg, seed=0).eval())
+    hf = hf_peer(cfg, model, target, share=True)  # HF reads the same tensors
     params32 = fp32_params(model) if peers else {}  # what the peers' files are written from
-    model = model.to(device=target.device, dtype=target.dtype)
+    if target.dtype != torch.float32:
+        model = placed(model.to(device=target.device, dtype=target.dtype))
     idx = torch.randint(0, cfg.vocab_size, (batch_size, prompt_len),
                         generator=torch.Generator().manual_seed(0)).to(target.device)
     mask = torch.ones_like(idx)
@@ -157,7 +170,7 @@ def bench_decode(quick: bool, rounds: int, preset: str = "gpt2", prompt_len: int
         from gptfn.quantization import quantize
 
         for scheme in (f for f in FORMATS if f in precisions):
-            quantized = quantize(model, scheme)
+            quantized = placed(quantize(model, scheme))
             models.update({f"eager_{scheme}": quantized, f"compiled_{scheme}": quantized})
     formats = [name for name in models if name not in ("eager", "compiled")]
     # AOTInductor packages: batch 1, CPU, fp32 compute (their decode program's), of each model
@@ -401,7 +414,7 @@ def _package(model, max_seq_len: int):
     with tempfile.TemporaryDirectory(prefix="gptfn-decode-") as tmp:
         path = Path(tmp) / "package.pt2"
         path.write_bytes(package(config, params, max_seq_len))
-        return load(path)
+        return load(path, huge_pages=True)
 
 
 def _against_llama_cpp(rates: Dict[str, List[float]], per_token: Samples,

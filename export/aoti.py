@@ -20,6 +20,7 @@ runner needs to build a cache.
 from __future__ import annotations
 
 import io
+import json
 import warnings
 from typing import Callable, Dict, Iterator, List, Tuple
 
@@ -137,7 +138,7 @@ class AOTIPackage:
     """A loaded package: ``package(idx)`` is the forward pass, ``generate`` decodes greedily
     through the cache, ``forward_with_cache`` and ``decode`` are the two programs."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, huge_pages: bool = False):
         # the public loader (aoti_load_package) loads one program and not the weights stored
         # beside them; load_pt2 loads both programs and gives them the same weight tensors
         from torch.export.pt2_archive._package import load_pt2
@@ -147,7 +148,9 @@ class AOTIPackage:
             from gptfn.kernels import load
 
             load()  # the ops the programs call must be registered before they load
-        runners = load_pt2(path, load_weights_from_disk=True).aoti_runners
+        runners = load_pt2(path, load_weights_from_disk=not huge_pages).aoti_runners
+        # the programs use these tensors in place: they must live as long as this package
+        self._weights = _load_weights_in_huge_pages(path, runners) if huge_pages else None
         missing = [name for name in PROGRAMS if name not in runners]
         if missing:
             raise ValueError(f"{path} is not a gptfn AOTInductor package (no {missing[0]!r} "
@@ -261,6 +264,39 @@ def _metadata(path: str) -> Dict[str, str]:
                          f"{str(e).splitlines()[0]}") from None
 
 
-def load(path) -> AOTIPackage:
-    """Load a package written by ``python -m export aoti``."""
-    return AOTIPackage(str(path))
+def _load_weights_in_huge_pages(path: str, runners) -> Dict[str, Tensor]:
+    """What ``load_pt2(load_weights_from_disk=True)`` does, with the weights placed in 2 MB
+    pages (``gptfn.hugepages``): each weight file of the archive read once, and every
+    program given views of the same tensors, which it uses in place (``user_managed``)."""
+    from torch.export.pt2_archive._package import PT2ArchiveReader
+    from torch.export.pt2_archive.constants import AOTINDUCTOR_DIR, WEIGHTS_DIR
+
+    from gptfn.hugepages import place
+
+    with PT2ArchiveReader(path) as reader:
+        names = reader.get_file_names()
+        maps = {name[len(AOTINDUCTOR_DIR):].split("/")[0]: json.loads(reader.read_string(name))
+                for name in names
+                if name.startswith(AOTINDUCTOR_DIR) and name.endswith("weights_config.json")}
+        files = {name[len(WEIGHTS_DIR):]: _whole_storage(torch.load(io.BytesIO(
+            reader.read_bytes(name)))) for name in names if name.startswith(WEIGHTS_DIR)}
+    files = place(files)
+    for program, runner in runners.items():
+        # the map's offsets count from the start of each file's storage, and each placed
+        # file starts storage_offset() elements into the arena's
+        runner.load_constants({key: files[file].as_strided(shape, stride,
+                                                           files[file].storage_offset() + offset)
+                               for key, (file, shape, stride, offset) in maps[program].items()},
+                              check_full_update=True, user_managed=True)
+    return files
+
+
+def _whole_storage(t: Tensor) -> Tensor:
+    """A 1-D tensor of ``t``'s dtype over all of ``t``'s storage."""
+    return torch.empty(0, dtype=t.dtype).set_(t.untyped_storage())
+
+
+def load(path, huge_pages: bool = False) -> AOTIPackage:
+    """Load a package written by ``python -m export aoti``; ``huge_pages``: its weights in
+    2 MB pages (``gptfn.hugepages``), for decoding."""
+    return AOTIPackage(str(path), huge_pages=huge_pages)

@@ -41,6 +41,7 @@ _EXPORTS = {
     "stream": "gptfn.generation",
     "left_pad": "gptfn.generation",
     "quantize": "gptfn.quantization",
+    "huge_pages": "gptfn.hugepages",
 }
 _SUBMODULES = ("functional",)
 

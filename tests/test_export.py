@@ -108,6 +108,17 @@ def test_aoti_packages_forward_and_decode_over_one_copy_of_the_weights(tiny_dir,
             torch.testing.assert_close(package(idx), model(idx), atol=1e-5, rtol=0)
         prompt = random_idx(model.config, 1, 5)
         assert torch.equal(package.generate(prompt, 19), generate(model, prompt, 19))
+    # the weights placed in 2 MB pages (gptfn.hugepages): the programs run on those copies
+    placed = load(out, huge_pages=True)
+    assert len(placed._weights) == len(stored)
+    assert min(t.data_ptr() for t in placed._weights.values()) % (2 << 20) == 0
+    for t in placed._weights.values():
+        t.mul_(0)  # used in place: zeroing every weight zeroes the logits
+    with torch.no_grad():
+        assert not placed(idx).any() and package(idx).any()
+        del placed
+        assert torch.equal(load(out, huge_pages=True).generate(prompt, 19),
+                           generate(model, prompt, 19))
 
 
 def test_aoti_package_runs_gptfns_kernels_on_the_cpu(tiny_dir, aoti_export):
