@@ -192,7 +192,10 @@ class _LlamaCpp:
         stream per sequence; the model's weights are the loaded ones."""
         import llama_cpp as lc
 
-        b, p = len(rows), len(rows[0])
+        b, p = len(rows), len(rows[0]) if rows else 0
+        if p == 0 or any(len(r) != p for r in rows) or n < 1:
+            raise ValueError(f"greedy_rows takes prompts of one length, at least one token "
+                             f"each, and n >= 1; got lengths {[len(r) for r in rows]}, n {n}")
         ctx = self._batched_context(b, p + n)
         lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
         batch = lc.llama_batch_init(b * p, 0, 1)

@@ -231,6 +231,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if not ids:
         raise ValueError("the prompt is empty: give --prompt some text")
     model = load_model(args.model, args.random_init, args.seed, dtype, device)
+    if device.type == "cpu":  # decoding streams the weights: from 2 MB pages (gptfn.hugepages)
+        from gptfn.hugepages import huge_pages
+
+        model = huge_pages(model)
     if model.config.vocab_size < tokenizer.n_vocab:
         raise ValueError(
             f"model vocab_size {model.config.vocab_size} is smaller than GPT-2's tokenizer "

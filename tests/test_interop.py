@@ -183,7 +183,7 @@ def test_a_file_llama_cpp_runs_differently_is_not_kept(bpe_dir, tmp_path, monkey
 
 @needs_llama
 def test_llama_cpp_batched_greedy_is_each_row_alone(tmp_path):
-    from export.engines import Engine
+    from export.engines import Engine, EngineError
 
     # embeddings 30x GPT-2's scale: logits far apart, so each row's greedy tokens depend on
     # its own prompt and positions (a random model's flat logits give one token everywhere)
@@ -206,6 +206,8 @@ def test_llama_cpp_batched_greedy_is_each_row_alone(tmp_path):
         assert [engine.greedy(r, 10)[0] for r in rows.tolist()] == want
         again, _ = engine.greedy_rows(rows[:2].tolist(), 10)  # a new batch shape: a new context
         assert again == want[:2]
+        with pytest.raises(EngineError, match="prompts of one length"):
+            engine.greedy_rows([[1, 2, 3], [4, 5]], 4)
 
 
 def test_engine_error_names_the_file(tmp_path):
