@@ -156,7 +156,7 @@ def bench_decode(quick: bool, rounds: int, preset: str = "gpt2", prompt_len: int
     model = placed(GPTModel(cfg, seed=0).eval())
     hf = hf_peer(cfg, model, target, share=True)  # HF reads the same tensors
     params32 = fp32_params(model) if peers else {}  # what the peers' files are written from
-    if target.dtype != torch.float32:
+    if target.is_cuda or target.dtype != torch.float32:  # new tensors: placed again
         model = placed(model.to(device=target.device, dtype=target.dtype))
     idx = torch.randint(0, cfg.vocab_size, (batch_size, prompt_len),
                         generator=torch.Generator().manual_seed(0)).to(target.device)

@@ -80,6 +80,19 @@ def test_quick_benchmarks_on_the_gpu(tmp_path):
     assert all(row["peak_mb"] >= row["after_build_mb"] > 0 for row in memory["rows"])
 
 
+def test_quick_fp32_decode_runs_on_the_gpu(tmp_path):
+    # fp32 on a GPU: the benchmark's model moves to the device though its dtype stays
+    # (a dtype-only condition once left it on the CPU)
+    r = subprocess.run([sys.executable, "-m", "benchmarks", "decode", "--quick", "--device",
+                        "cuda", "--dtype", "fp32", "--batch-size", "1", "--peers", "none",
+                        "--rounds", "1", "--out", str(tmp_path)], capture_output=True,
+                       text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr
+    decode = json.loads((tmp_path / "decode.json").read_text())
+    assert decode["dtype"] == "fp32" and decode["device"].startswith("cuda")
+    assert all(row["tokens_per_s"] > 0 for row in decode["rows"])
+
+
 def test_cuda_events_time_device_work():
     from benchmarks.device import Clock
 
