@@ -149,12 +149,12 @@ class AOTIPackage:
 
             load()  # the ops the programs call must be registered before they load
         runners = load_pt2(path, load_weights_from_disk=not huge_pages).aoti_runners
-        # the programs use these tensors in place: they must live as long as this package
-        self._weights = _load_weights_in_huge_pages(path, runners) if huge_pages else None
         missing = [name for name in PROGRAMS if name not in runners]
         if missing:
             raise ValueError(f"{path} is not a gptfn AOTInductor package (no {missing[0]!r} "
                              "program)")
+        # the programs use these tensors in place: they must live as long as this package
+        self._weights = _load_weights_in_huge_pages(path, runners) if huge_pages else None
         self._forward, self._decode = runners["forward"], runners["decode"]
         self.num_layers = int(meta["gptfn.num_layers"])
         self.num_heads, self.head_dim = int(meta["gptfn.num_heads"]), int(meta["gptfn.head_dim"])
