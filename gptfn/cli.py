@@ -119,16 +119,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     qz = sub.add_parser(
         "quantize",
-        help="write a model in a weight format (bf16, fp16, int8) that gptfn runs directly",
+        help="write a model in a weight format (bf16, fp16, int8, int4) that gptfn runs",
         description="Read a model (a checkpoint path or a cached model name) and write it with "
-        "its matrices (wte and each block's four) in a weight format: bf16 or fp16, or int8 "
-        "with one scale per output channel. Compute stays fp32. The result is model.safetensors "
+        "its matrices (wte and each block's four) in a weight format: bf16 or fp16, int8 "
+        "with one scale per output channel, or int4 with one scale per 32 inputs (as llama.cpp's "
+        "q4_0). Compute stays fp32. The result is model.safetensors "
         "+ config.json (recording the format under \"quantization\"), which gptfn generate, "
         "gptfn eval and GPTModel.from_pretrained read.",
     )
     qz.add_argument("--model", required=True, help="checkpoint path or model name")
     qz.add_argument("--out", required=True, help="output directory (created if missing)")
-    qz.add_argument("--scheme", required=True, choices=["bf16", "fp16", "int8"])
+    qz.add_argument("--scheme", required=True, choices=["bf16", "fp16", "int8", "int4"])
     qz.set_defaults(func=_cmd_quantize)
 
     tr = sub.add_parser(

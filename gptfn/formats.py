@@ -11,6 +11,14 @@ exported code all read it the same way (``gptfn.functional.linear`` looks at the
   ``<key>_scale``: a Conv1D weight ``[in, out]`` has a scale of shape ``(out,)``; the token
   table ``wte [V, C]`` one per row, ``(V,)``, which serves both the embedding (a row) and the
   tied head (an output).
+- ``int4``: groupwise symmetric 4-bit, as llama.cpp's q4_0: values ``q`` in [-8, 7], one
+  fp16 scale per output and group of ``GROUP`` (32) consecutive inputs. Every matrix is
+  stored as the weight of its product, ``[in, out]``: the Conv1D weights as they are, the
+  token table ``wte [V, C]`` as the tied head's ``[C, V]``. Two inputs share a byte, packed
+  along ``in``: byte ``(k, o)`` of the uint8 ``(in/2, out)`` tensor holds ``q[2k, o] + 8``
+  in its low four bits and ``q[2k + 1, o] + 8`` in its high four; ``<key>_scale`` is fp16
+  ``(in/32, out)``. Packing along ``in`` keeps each group's values and scale in the order
+  a product reads them; the embedding reads a column (``functional.layers.unpack_int4``).
 
 The matrices are ``wte`` (the tied head, the largest) and each block's four Conv1D weights.
 ``gptfn.quantize`` makes a format; ``gptfn.weights`` records it in ``config.json`` as
@@ -19,14 +27,16 @@ The matrices are ``wte`` (the tied head, the largest) and each block's four Conv
 
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-SCHEMES = ("bf16", "fp16", "int8")
+SCHEMES = ("bf16", "fp16", "int8", "int4")
+GROUP = 32  # int4: inputs per scale
 SCALE_SUFFIX = "_scale"
-_STORED = {"bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
+_STORED = {"bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8,
+           "int4": torch.uint8}
 _SCHEME_OF = {dtype: scheme for scheme, dtype in _STORED.items()}
 _BLOCK_MATRICES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
                    "mlp.c_proj.weight")
@@ -46,6 +56,25 @@ def output_dim(key: str) -> int:
     """The dimension of ``key``'s output channels: rows for ``wte`` ([V, C], the head's
     outputs), columns for Conv1D weights ([in, out])."""
     return 0 if key == "wte.weight" else 1
+
+
+def stored_shape(key: str, shape: Sequence[int], scheme: Optional[str]) -> Tuple[int, ...]:
+    """The shape matrix ``key`` of canonical ``shape`` is stored in under ``scheme``: int4
+    packs the product's ``[in, out]`` weight to ``(in/2, out)`` (``wte [V, C]`` -> ``(C/2,
+    V)``); every other scheme keeps the canonical shape."""
+    if scheme != "int4":
+        return tuple(shape)
+    n_in, n_out = (shape[1], shape[0]) if key == "wte.weight" else (shape[0], shape[1])
+    return (n_in // 2, n_out)
+
+
+def int4_problem(key: str, shape: Sequence[int]) -> Optional[str]:
+    """Why matrix ``key`` of canonical ``shape`` cannot be stored in int4, or None."""
+    n_in = shape[1] if key == "wte.weight" else shape[0]
+    if n_in % GROUP:
+        return (f"{key}: int4 needs the inputs of each matrix in whole groups of {GROUP}, "
+                f"got {n_in}")
+    return None
 
 
 def stored_dtype(scheme: str) -> torch.dtype:
@@ -87,11 +116,19 @@ def format_problems(params: Mapping[str, Tensor], num_layers: int) -> List[str]:
             kind = _SCHEME_OF[t.dtype]
         else:
             problems.append(f"{key}: expected a floating-point tensor of the model's dtype "
-                            f"{compute} or a weight format (bf16, fp16, int8), got {t.dtype}")
+                            f"{compute} or a weight format (bf16, fp16, int8, int4 as "
+                            f"uint8), got {t.dtype}")
             continue
         kinds.setdefault(kind, []).append(key)
         scale = params.get(scale_key(key))
-        if kind == "int8":
+        if kind == "int4":
+            want = (2 * t.size(0) // GROUP, t.size(1))
+            if scale is None:
+                problems.append(f"{key}: an int4 matrix needs {scale_key(key)}")
+            elif tuple(scale.shape) != want or scale.dtype != torch.float16:
+                problems.append(f"{scale_key(key)}: expected fp16 of shape {list(want)}, "
+                                f"got {scale.dtype} {list(scale.shape)}")
+        elif kind == "int8":
             if bool((t == -128).any()):  # the kernels' sign trick needs |value| <= 127
                 problems.append(f"{key}: int8 values must lie in [-127, 127] (symmetric), "
                                 "found -128")
@@ -102,7 +139,7 @@ def format_problems(params: Mapping[str, Tensor], num_layers: int) -> List[str]:
                 problems.append(f"{scale_key(key)}: expected fp32 of shape {list(want)}, "
                                 f"got {scale.dtype} {list(scale.shape)}")
         elif scale is not None:
-            problems.append(f"{scale_key(key)}: only int8 matrices have a scale")
+            problems.append(f"{scale_key(key)}: only int8 and int4 matrices have a scale")
     if len(kinds) > 1:
         problems.append("matrices are in several formats: "
                         + ", ".join(f"{k} ({v[0]} ...)" for k, v in sorted(kinds.items())))
@@ -123,4 +160,10 @@ def quantization_entry(scheme: str) -> Dict[str, object]:
     if scheme == "int8":
         entry.update({"symmetric": True, "granularity": "per_output_channel",
                       "scale_suffix": SCALE_SUFFIX})
+    if scheme == "int4":
+        entry.update({"symmetric": True, "granularity": "group", "group_size": GROUP,
+                      "scale_dtype": "float16", "scale_suffix": SCALE_SUFFIX,
+                      "packing": "two values a byte along the inputs of each [in, out] "
+                                 "product weight (wte as [C, V]), low nibble first, "
+                                 "stored as q + 8"})
     return entry

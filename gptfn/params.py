@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from gptfn.config import GPTConfig
-from gptfn.formats import SCALE_SUFFIX, format_problems
+from gptfn.formats import (SCALE_SUFFIX, format_problems, int4_problem, matrix_keys,
+                           stored_shape)
 
 Shape = Tuple[int, ...]
 
@@ -105,6 +106,13 @@ def validate_params(params: Mapping[str, Tensor], config: GPTConfig) -> None:
     """
     expected = param_shapes(config)
     problems = []
+    wte = params.get("wte.weight")
+    if isinstance(wte, Tensor) and wte.dtype == torch.uint8:  # int4 packs its matrices
+        for key in matrix_keys(config.num_layers):
+            problem = int4_problem(key, expected[key])
+            if problem:
+                problems.append(problem)
+            expected[key] = stored_shape(key, expected[key], "int4")
     missing = [k for k in expected if k not in params]
     unexpected = [k for k in params if k not in expected and not k.endswith(SCALE_SUFFIX)]
     if missing:

@@ -220,15 +220,16 @@ def test_bf16_aoti_is_held_to_an_fp32_reference(tiny_dir, tmp_path):
         assert (got.float() - reference).abs().max() <= allowed
 
 
-def test_int8_aoti_package_is_held_to_the_exact_product(tiny_dir, tmp_path):
-    """An int8 model's package runs gptfn's kernels, which quantize activations: it is
-    held to the core's exact product as closely as those kernels are, run eagerly."""
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_integer_aoti_package_is_held_to_the_exact_product(scheme, tiny_dir, tmp_path):
+    """An int8 or int4 model's package runs gptfn's kernels, which quantize activations: it
+    is held to the core's exact product as closely as those kernels are, run eagerly."""
     import json
 
     import gptfn
     from export.aoti import load
 
-    gptfn.quantize(GPTModel.from_pretrained(tiny_dir), "int8").save_pretrained(tmp_path / "q")
+    gptfn.quantize(GPTModel.from_pretrained(tiny_dir), scheme).save_pretrained(tmp_path / "q")
     out = tmp_path / "gpt_aoti.pt2"
     r = export("aoti", "--model", str(tmp_path / "q"), "--out", str(out), "--max-seq-len", "24")
     assert r.returncode == 0, r.stderr

@@ -1,6 +1,6 @@
 """gptfn::rowmul, the product for weights in a weight-only format, against a plain fp32
-product of the dequantized weight (for int8, of activations quantized per 32 values, as the
-op's int8 route takes them); and the formats through compile and export."""
+product of the dequantized weight (for int8 and int4, of activations quantized per 32
+values, as the op's integer routes take them); and the formats through compile and export."""
 
 import pytest
 import torch
@@ -8,7 +8,8 @@ import torch
 from gptfn import GPTModel
 from gptfn.generation import generate
 from gptfn.kernels import load, route
-from gptfn.quantization import dequantize_params, int8_per_channel, quantize
+from gptfn.functional.layers import unpack_int4
+from gptfn.quantization import dequantize_params, int4_groupwise, int8_per_channel, quantize
 from gptfn.scripting import script
 from tests.helpers import random_idx, tiny_config
 
@@ -48,6 +49,40 @@ def test_rowmul_equals_the_dequantized_product(dtype, transposed, rows, n_in, n_
         assert ((got - exact).norm() / exact.norm()) < 2e-2
 
 
+# 1-8 rows: the integer loop, one row of x at a time; 9: past the kernel (BLAS)
+@pytest.mark.parametrize("rows", [1, 3, 8, 9])
+# odd output counts: the tail past the last 32; 3072 inputs: several runs per thread
+@pytest.mark.parametrize("n_in, n_out", [(64, 256), (96, 35), (3072, 1000), (32, 1601)])
+def test_int4_rowmul_equals_the_dequantized_product(rows, n_in, n_out):
+    gen = torch.Generator().manual_seed(n_in * rows + n_out)
+    packed, scale = int4_groupwise(torch.randn(n_in, n_out, generator=gen) * 0.05)
+    dense = unpack_int4(packed, scale, torch.float32)  # (in, out)
+    x = torch.randn(rows, 1, n_in, generator=gen)
+    bias = torch.randn(n_out, generator=gen)
+    want = _q8_activations(x) @ dense + bias  # (rows, 1, out)
+    got = torch.ops.gptfn.rowmul(x, packed, scale, bias, False)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_int4_packs_llama_cpps_q4_0_levels():
+    """Each group of 32 inputs: its value of largest magnitude is exactly -8 scales, the
+    others round to the nearest of the 16 levels; pairs of inputs share a byte, low first."""
+    w = torch.zeros(64, 2)
+    w[:32, 0] = torch.linspace(-1.0, 0.5, 32)  # extreme -1: scale 1/8, 0.5 -> +4
+    w[32:, 0] = 0.0  # an all-zero group: scale 0, every value exactly 0
+    w[:32, 1] = torch.linspace(-0.3, 2.0, 32)  # extreme 2: scale -1/4, -0.3 -> +1 (rounded)
+    packed, scale = int4_groupwise(w)
+    assert packed.shape == (32, 2) and packed.dtype == torch.uint8
+    assert scale.shape == (2, 2) and scale.dtype == torch.float16
+    assert scale.float().tolist() == [[0.125, -0.25], [0.0, 0.0]]
+    q = unpack_int4(packed, scale, torch.float32)
+    assert q[0, 0] == -1.0 and q[31, 0] == 0.5 and q[31, 1] == 2.0 and q[0, 1] == -0.25
+    assert torch.equal(q[32:, 0], torch.zeros(32))
+    assert int(packed[0, 0]) == (-8 + 8) | ((round(float(w[1, 0]) / 0.125) + 8) << 4)
+    assert (q - w).abs().max() <= 0.25 / 2 + 1e-6  # half a level of the coarsest group
+
+
 def _q8_activations(x):
     """x quantized as int8 weights meet it: symmetric, one scale (max |x| / 127) per 32
     consecutive values of a row, rounded to nearest, widened back."""
@@ -84,11 +119,13 @@ def test_rowmul_edge_inputs():
                                  False)
     assert torch.equal(got, torch.arange(5.0).expand(2, 5))
     q, scale = int8_per_channel(torch.randn(64, 40), 1)
+    packed, groups = int4_groupwise(torch.randn(64, 40))
     for bad in (float("nan"), float("inf")):
         x = torch.randn(1, 64)
         x[0, 3] = bad
-        for w, transposed in ((q, False), (q.t().contiguous(), True)):
-            assert torch.isnan(torch.ops.gptfn.rowmul(x, w, scale, None, transposed)).all()
+        for w, s, transposed in ((q, scale, False), (q.t().contiguous(), scale, True),
+                                 (packed, groups, False)):
+            assert torch.isnan(torch.ops.gptfn.rowmul(x, w, s, None, transposed)).all()
 
 
 def test_the_attention_rewrite_takes_only_what_its_kernel_computes():
@@ -117,8 +154,14 @@ def test_the_attention_rewrite_takes_only_what_its_kernel_computes():
 
 def test_rowmul_refuses_what_it_cannot_compute():
     x, w = torch.randn(1, 8), torch.randn(8, 4)
-    with pytest.raises(RuntimeError, match="int8 weights need a scale"):
+    with pytest.raises(RuntimeError, match="int8 and int4 weights need a scale"):
         torch.ops.gptfn.rowmul(x, w.to(torch.int8), None, None, False)
+    packed, groups = int4_groupwise(torch.randn(64, 4))
+    x64 = torch.randn(1, 64)
+    with pytest.raises(RuntimeError, match="int4 weights are \\[in/2, out\\], not transposed"):
+        torch.ops.gptfn.rowmul(x64, packed, groups, None, True)
+    with pytest.raises(RuntimeError, match="fp16 scales of shape \\[2, 4\\]"):
+        torch.ops.gptfn.rowmul(x64, packed, groups.float(), None, False)
     with pytest.raises(RuntimeError, match="x has 8 features, the weight takes 4"):
         torch.ops.gptfn.rowmul(x, w.t().contiguous(), None, None, False)
     with pytest.raises(RuntimeError, match="fp32 activations"):
@@ -127,7 +170,7 @@ def test_rowmul_refuses_what_it_cannot_compute():
         torch.ops.gptfn.rowmul(x, w.to(torch.int8), torch.ones(3), None, False)
 
 
-@pytest.mark.parametrize("scheme", ["bf16", "int8"])
+@pytest.mark.parametrize("scheme", ["bf16", "int8", "int4"])
 def test_the_core_runs_a_format_in_plain_aten_everywhere(scheme):
     cfg = tiny_config()
     model = quantize(GPTModel(cfg, seed=0).eval(), scheme)
@@ -155,7 +198,7 @@ def _count_rewrites(monkeypatch) -> list:
     return rewritten
 
 
-@pytest.mark.parametrize("scheme", ["bf16", "fp16", "int8"])
+@pytest.mark.parametrize("scheme", ["bf16", "fp16", "int8", "int4"])
 def test_generation_takes_the_kernel_route_for_a_format(scheme, monkeypatch):
     cfg = tiny_config()
     model = quantize(GPTModel(cfg, seed=0).eval(), scheme)
@@ -168,6 +211,33 @@ def test_generation_takes_the_kernel_route_for_a_format(scheme, monkeypatch):
     with torch.no_grad():  # the route computes what the core computes
         logits = model(torch.cat([idx, eager[:, 5:]], 1))
     assert torch.equal(logits[:, 4:-1].argmax(-1), eager[:, 5:])
+
+
+def test_the_int4_rewrite_leaves_no_unpacking_behind():
+    """Each int4 product's unpacking (9 ops in either graph) goes with it: in torch.export's
+    graph and in torch.compile's, only the embedding's (one shift) is left."""
+    cfg = tiny_config()
+    model = quantize(GPTModel(cfg, seed=0).eval(), "int4")
+    idx = random_idx(cfg, 1, 5)
+
+    def shifts(graph):
+        return sum("rshift" in str(n.target) for n in graph.nodes)
+
+    program = torch.export.export(model, (idx,))
+    assert shifts(program.graph) == 4 * cfg.num_layers + 2  # each matrix, the head, embedding
+    assert route.rewrite(program.graph_module) == 4 * cfg.num_layers + 1
+    assert shifts(program.graph) == 1
+    counts = []
+
+    def backend(gm, example_inputs):
+        counts.append((route.rewrite(gm), shifts(gm.graph)))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = torch.compile(model, backend=backend, fullgraph=True)(idx)
+        torch.testing.assert_close(got, model(idx), atol=2e-2, rtol=2e-2)
+    assert counts == [(4 * cfg.num_layers + 1, 1)]
 
 
 def test_a_plain_fp32_model_takes_the_kernel_only_when_compiled(monkeypatch):
@@ -213,14 +283,24 @@ def test_formats_refuse_misuse(tmp_path):
     q = quantize(model, "int8")
     with pytest.raises(ValueError, match="already in the int8 format"):
         quantize(q, "bf16")
-    params = dict(q.state_dict())
-    del params["h.0.mlp.c_fc.weight_scale"]
-    with pytest.raises(ValueError, match="h.0.mlp.c_fc.weight: an int8 matrix needs"):
-        GPTModel(cfg, params=params)
-    params = quantize(model.state_dict(), "bf16")
-    params["h.1.mlp.c_fc.weight"] = params["h.1.mlp.c_fc.weight"].half()
-    with pytest.raises(ValueError, match="matrices are in several formats"):
-        GPTModel(cfg, params=params)
+    spoiled = [  # (format, what is done to its parameters, the error that names it)
+        ("int8", lambda p: p.pop("h.0.mlp.c_fc.weight_scale"),
+         "h.0.mlp.c_fc.weight: an int8 matrix needs"),
+        ("bf16", lambda p: p.update({"h.1.mlp.c_fc.weight": p["h.1.mlp.c_fc.weight"].half()}),
+         "matrices are in several formats"),
+        ("int4", lambda p: p.update({"wte.weight_scale": p["wte.weight_scale"].float()}),
+         "wte.weight_scale: expected fp16 of shape \\[1, 97\\]"),
+        ("int4", lambda p: p.update({"h.0.attn.c_proj.weight": p["h.0.attn.c_proj.weight"].t()}),
+         "h.0.attn.c_proj.weight: expected shape \\[16, 32\\]"),
+    ]
+    for scheme, spoil, message in spoiled:
+        params = quantize(model.state_dict(), scheme)
+        spoil(params)
+        with pytest.raises(ValueError, match=message):
+            GPTModel(cfg, params=params)
+    with pytest.raises(ValueError, match="int4 needs the inputs of each matrix in whole "
+                                         "groups of 32, got 48"):
+        quantize(GPTModel(tiny_config(embed_dim=48, num_heads=4), seed=0), "int4")
     q.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="int8 format, which computes in fp32"):
         GPTModel.from_pretrained(tmp_path, dtype=torch.bfloat16)

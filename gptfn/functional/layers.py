@@ -50,17 +50,38 @@ def linear(
     kernel for a format is the caller's choice, made outside the core (``gptfn.kernels``
     rewrites this product in the graph it compiles).
 
+    An int4 weight (uint8, two values a byte) is unpacked with its group scales
+    (``unpack_int4``) before the product.
+
     Shapes: x (..., in), weight (in, out), bias (out,) or None, scale (out,) or None
-    -> (..., out).
+    -> (..., out); int4: weight (in/2, out) uint8, scale (in/32, out) fp16.
     """
     if weight.dtype == x.dtype and scale is None:
         # F.linear computes x @ W.T + b; W = weight.t() is a view, so this is one addmm
         # over the contiguous [in, out] weight: no copy, no transpose.
         return F.linear(x, weight.t(), bias)
+    if weight.dtype == torch.uint8:  # int4: packed pairs, a scale per group of inputs
+        if scale is None:
+            raise ValueError("an int4 weight needs its scales")
+        y = F.linear(x, unpack_int4(weight, scale, x.dtype).t())  # (..., in) -> (..., out)
+        return y if bias is None else y + bias
     y = F.linear(x, weight.to(x.dtype).t())  # (..., in) @ (in, out) -> (..., out)
     if scale is not None:
         y = y * scale  # one scale per output channel
     return y if bias is None else y + bias
+
+
+def unpack_int4(packed: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """The ``[in, out]`` matrix an int4 weight stands for (``gptfn.formats``): byte ``(k, o)``
+    holds inputs ``2k`` (low nibble) and ``2k + 1`` (high), each stored as ``q + 8`` for ``q``
+    in [-8, 7]; one scale per output and group of ``in / scale.size(0)`` inputs.
+
+    Shapes: packed (in/2, out) uint8, scale (in/G, out) -> (in, out) in ``dtype``.
+    """
+    pairs = torch.stack([packed & 15, packed >> 4], dim=1)  # (in/2, 2, out)
+    q = pairs.reshape(-1, packed.size(1)).to(dtype) - 8.0  # (in, out)
+    groups = q.view(scale.size(0), -1, q.size(1))  # (in/G, G, out)
+    return (groups * scale.to(dtype).unsqueeze(1)).view(q.size(0), q.size(1))  # (in, out)
 
 
 def feed_forward(

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gptfn.functional.attention import attention_mask, multi_head_attention
-from gptfn.functional.layers import dropout, feed_forward
+from gptfn.functional.layers import dropout, feed_forward, linear, unpack_int4
 
 
 def check_idx(idx: Tensor, vocab_size: int, context_length: int) -> None:
@@ -63,13 +63,21 @@ def embed(
     """Token plus position embeddings, with embedding dropout.
 
     The activations take ``wpe``'s dtype: a token table in a weight-only format (bf16,
-    fp16, or int8 with one scale per token, ``wte_scale``) is widened row by row.
+    fp16, or int8 with one scale per token, ``wte_scale``) is widened row by row; an int4
+    table (stored ``[C/2, V]``, see ``gptfn.formats``) is unpacked column by column.
 
     Shapes: idx (B, T), pos (T,) or (B, T), wte (V, C), wpe (T_max, C) -> (B, T, C).
     """
-    tok = F.embedding(idx, wte).to(wpe.dtype)  # (B, T) -> (B, T, C)
-    if wte_scale is not None:
-        tok = tok * F.embedding(idx, wte_scale.unsqueeze(1))  # (B, T, C) * (B, T, 1)
+    if wte.dtype == torch.uint8:  # int4: the table is stored as the head's [C, V] weight
+        if wte_scale is None:
+            raise ValueError("an int4 token table needs its scales")
+        ids = idx.reshape(-1)  # (B*T,)
+        cols = unpack_int4(wte.index_select(1, ids), wte_scale.index_select(1, ids), wpe.dtype)
+        tok = cols.t().reshape(idx.size(0), idx.size(1), -1)  # (C, B*T) -> (B, T, C)
+    else:
+        tok = F.embedding(idx, wte).to(wpe.dtype)  # (B, T) -> (B, T, C)
+        if wte_scale is not None:
+            tok = tok * F.embedding(idx, wte_scale.unsqueeze(1))  # (B, T, C) * (B, T, 1)
     x = tok + F.embedding(pos, wpe)  # (B, T, C)
     return dropout(x, dropout_p, training)
 
@@ -148,12 +156,16 @@ def final_norm(x: Tensor, ln_f_weight: Tensor, ln_f_bias: Tensor, eps: float) ->
 def tied_head(x: Tensor, wte: Tensor, wte_scale: Optional[Tensor] = None) -> Tensor:
     """Logits from final hidden states: ``x @ wte.T``.
 
-    A table in a weight-only format is widened and scaled per row, as in ``linear``.
+    A table in a weight-only format is widened and scaled per row, as in ``linear``; an
+    int4 table is ``linear``'s int4 weight.
 
-    Shapes: x (B, T, C), wte (V, C), wte_scale (V,) or None -> (B, T, V).
+    Shapes: x (B, T, C), wte (V, C), wte_scale (V,) or None -> (B, T, V); int4: wte
+    (C/2, V), wte_scale (C/32, V).
     """
     if wte.dtype == x.dtype and wte_scale is None:
         return F.linear(x, wte)  # (B, T, C) @ (C, V) -> (B, T, V)
+    if wte.dtype == torch.uint8:  # int4: the table is stored as this product's [C, V] weight
+        return linear(x, wte, None, wte_scale)  # (B, T, C) -> (B, T, V)
     logits = F.linear(x, wte.to(x.dtype))  # (B, T, C) @ (C, V) -> (B, T, V)
     return logits if wte_scale is None else logits * wte_scale  # one scale per token
 

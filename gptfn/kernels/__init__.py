@@ -1,7 +1,7 @@
 """gptfn's C++ kernels: the op ``gptfn::rowmul`` (see ``rowmul.cpp``), which multiplies
-a few rows of activations by a weight, plain fp32 or in a weight format (bf16, fp16, int8 +
-scales), and ``gptfn::cached_attention`` (``attention.cpp``), a few tokens' attention over a
-static KV cache under a mask.
+a few rows of activations by a weight, plain fp32 or in a weight format (bf16, fp16; int8
+or int4 with scales), and ``gptfn::cached_attention`` (``attention.cpp``), a few tokens'
+attention over a static KV cache under a mask.
 
 The core never calls them. A caller that wants them compiles its function with a backend
 of ``gptfn.kernels.route`` (generation does, for its decode step on the CPU), which loads

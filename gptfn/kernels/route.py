@@ -6,7 +6,9 @@ runs anywhere, but it widens every weight on every call. A caller that wants gpt
 compiles its function with one of the backends below, once: the graph torch.compile
 captures is rewritten so that each such product — ``linear(x, w.to(dtype).t())``, then
 ``* scale`` and ``+ bias`` where present (``linear(x, w.to(dtype))`` for the tied head) — is
-one ``rowmul(x, w, scale, bias, transposed)``, which reads the weight in its own format.
+one ``rowmul(x, w, scale, bias, transposed)``, which reads the weight in its own format;
+an int4 product, ``linear(x, unpack_int4(w, scale).t())`` (+ bias), likewise becomes
+``rowmul(x, w, scale, bias, False)``, its unpacking erased with it.
 ``rowmul_eager`` then runs the rewritten graph as it is, ``rowmul_inductor`` hands it to
 inductor. Plain fp32 products on the CPU (``linear(x, w.t(), bias)``, ``linear(x, wte)``)
 become ``rowmul`` too: for a few rows it streams the weight faster than BLAS's one-row
@@ -95,6 +97,45 @@ def _plain(node: fx.Node) -> Optional[tuple]:
     return x, weight, bias, transposed
 
 
+_INT4_CHAIN = 16  # at most this many ops unpack an int4 weight (the core takes 9)
+
+
+def _int4(node: fx.Node) -> Optional[tuple]:
+    """``(x, packed, scale)`` of ``linear(x, w.t())`` where ``w`` is computed from exactly
+    two graph inputs, an int4 weight (uint8 ``(in/2, out)``) and its fp16 scales ``(in/32,
+    out)``, and nothing else: ``functional.layers.unpack_int4``, whose ops the two graphs
+    spell differently, so the chain is recognised by what goes in and what comes out. uint8
+    matrices are int4's alone in gptfn's parameters."""
+    if node.kwargs or len(node.args) != 2 or not _method(node.args[1], "t"):
+        return None
+    x, unpacked = node.args[0], node.args[1].args[0]
+    leaves, seen, todo = [], set(), [unpacked]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op in ("placeholder", "get_attr"):
+            leaves.append(n)
+        elif n.op in ("call_function", "call_method") and len(seen) <= _INT4_CHAIN:
+            todo += n.all_input_nodes
+        else:
+            return None
+    values = {n: _value(n) for n in leaves}
+    packed = [n for n, v in values.items() if v is not None and v.dtype == torch.uint8]
+    scale = [n for n, v in values.items() if v is not None and v.dtype == torch.float16]
+    xv, wv = _value(x), _value(unpacked)
+    if (len(leaves) != 2 or len(packed) != 1 or len(scale) != 1 or xv is None or wv is None
+            or xv.dtype != torch.float32 or xv.device.type != "cpu"):
+        return None
+    pv, sv = values[packed[0]], values[scale[0]]
+    n_in, n_out = tuple(wv.shape) if wv.dim() == 2 else (None, None)
+    if (pv.dim() != 2 or tuple(pv.shape) != (n_in // 2, n_out) or n_in % 32
+            or tuple(sv.shape) != (n_in // 32, n_out)):
+        return None
+    return x, packed[0], scale[0]
+
+
 _SDPA = (torch._C._nn.scaled_dot_product_attention,
          torch.nn.functional.scaled_dot_product_attention,
          _aten.scaled_dot_product_attention.default)
@@ -164,6 +205,26 @@ def rewrite(gm: fx.GraphModule) -> int:
                 graph.erase_node(view)
             count += 1
             continue
+        int4 = _int4(node)
+        if int4 is not None:
+            x, packed, scale = int4
+            chain = node.args[1]  # the .t() of the unpacked weight, and what made it
+            end, bias = node, None
+            add = _only_user(end, _ADD)
+            if add is not None:
+                bias = _per_output(add, end, _value(node).shape[-1])
+                end = add if bias is not None else end
+            with graph.inserting_before(end):
+                fused = graph.call_function(torch.ops.gptfn.rowmul.default,
+                                            (x, packed, scale, bias, False))
+            fused.meta.update(end.meta)
+            end.replace_all_uses_with(fused)
+            if end is not node:
+                graph.erase_node(end)
+            graph.erase_node(node)
+            _erase_unused(chain)
+            count += 1
+            continue
         if len(node.args) != 2:
             continue
         x, widened = node.args
@@ -199,6 +260,29 @@ def rewrite(gm: fx.GraphModule) -> int:
         graph.lint()
         gm.recompile()
     return count
+
+
+# torch.export's checks of a value's dtype and layout before a ``.to``: they use the value
+# but compute nothing, and go with it
+_METADATA_CHECKS = (_aten._assert_tensor_metadata.default,)
+
+
+def _erase_unused(node: fx.Node) -> None:
+    """Erase ``node`` if nothing uses it, then the same for what it used (graph inputs stay)."""
+    graph, todo, erased = node.graph, [node], set()
+    while todo:
+        n = todo.pop()
+        if n in erased or n.op not in ("call_function", "call_method"):
+            continue
+        for user in list(n.users):
+            if user.op == "call_function" and user.target in _METADATA_CHECKS and not user.users:
+                graph.erase_node(user)
+        if n.users:
+            continue
+        inputs = n.all_input_nodes
+        graph.erase_node(n)
+        erased.add(n)
+        todo += inputs
 
 
 def rowmul_eager(gm: fx.GraphModule, example_inputs):

@@ -5,7 +5,9 @@
 // requires: the integer loops' sign trick cannot negate -128; x then meets it quantized to
 // int8 per block of 32 values, as llama.cpp's q8_0 does). W is GPT-2's Conv1D layout [in, out], or
 // with `transposed` the embedding layout [out, in] (the tied head: logits = x @ wte.T).
-// Accumulation is fp32 (int8: int32 within a block of 32, then fp32). Decoding one token is
+// int4 (gptfn.formats: uint8 (in/2, out), two inputs a byte, q + 8 per nibble, one fp16
+// scale per output and group of 32 inputs) meets x quantized the same way as int8 does.
+// Accumulation is fp32 (int8, int4: int32 within a block of 32, then fp32). Decoding one token is
 // a chain of such products: each reads every weight once and does two flops per weight, so
 // its speed is bound by the speed at which the weights stream from memory, and a narrower
 // format is read faster, as long as widening it costs less than reading it: hence the
@@ -556,6 +558,82 @@ GPTFN_AVX2 void dots_q8_avx2(const int8_t* xq, const float* xd, int64_t m, int64
   }
 }
 
+// acc (m, out) += dequantized x[:, r0:r1] @ w[r0:r1, :] for int4 w (packed (in/2, out),
+// scales fp16 (in/32, out)); r0, r1 on block boundaries. Each nibble u = q + 8 is unsigned,
+// so maddubs takes the bytes as they are (no sign trick): it sums u * x over the block, and
+// the block's sum of x times 8 is taken off once per output. Eight byte rows (16 inputs) a
+// pass sum in int16 (at most 16 * 15 * 127 in magnitude: no overflow); the int16 sums come
+// out of the byte unpacks in two halves whose lanes widen straight to natural order.
+GPTFN_AVX2 void rows_q4_avx2(const int8_t* xq, const float* xd, const int32_t* xsum, int64_t m,
+                             int64_t n_in, const uint8_t* w, const c10::Half* scale,
+                             int64_t n_out, int64_t r0, int64_t r1, float* acc) {
+  const int64_t o32 = n_out - n_out % 32;
+  const int64_t blocks = n_in / kQBlock;
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  std::vector<int32_t> isum(static_cast<size_t>(n_out));
+  for (int64_t b = 0; b < m; ++b) {
+    const int8_t* qb = xq + b * n_in;
+    float* a = acc + b * n_out;
+    for (int64_t k0 = r0; k0 < r1; k0 += kQBlock) {
+      std::fill(isum.begin(), isum.end(), 0);
+      for (int64_t h = k0; h < k0 + kQBlock; h += 16) {
+        __m256i s[8];  // the pair (x[2j], x[2j + 1]) of each byte row, in every int16 lane
+        for (int j = 0; j < 8; ++j) {
+          const uint8_t lo = static_cast<uint8_t>(qb[h + 2 * j]);
+          const uint8_t hi = static_cast<uint8_t>(qb[h + 2 * j + 1]);
+          s[j] = _mm256_set1_epi16(static_cast<int16_t>(lo | (hi << 8)));
+        }
+        const uint8_t* w0 = w + (h / 2) * n_out;
+        const bool ahead = h / 2 + kAheadRows + 8 <= n_in / 2;
+        for (int64_t o = 0; o < o32; o += 32) {
+          if (ahead && o % 64 == 0)  // one prefetch per 64-byte line
+            for (int j = 0; j < 8; ++j) prefetch(w0 + (kAheadRows + j) * n_out + o);
+          __m256i lo16 = _mm256_setzero_si256(), hi16 = _mm256_setzero_si256();
+          for (int j = 0; j < 8; ++j) {
+            const __m256i v =
+                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w0 + j * n_out + o));
+            const __m256i even = _mm256_and_si256(v, low4);  // inputs 2j, 32 outputs
+            const __m256i odd = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);  // 2j + 1
+            // outputs 0-7 | 16-23 (unpacklo), 8-15 | 24-31 (unpackhi), in int16
+            const __m256i lo = _mm256_maddubs_epi16(_mm256_unpacklo_epi8(even, odd), s[j]);
+            const __m256i hi = _mm256_maddubs_epi16(_mm256_unpackhi_epi8(even, odd), s[j]);
+            lo16 = _mm256_add_epi16(lo16, lo);
+            hi16 = _mm256_add_epi16(hi16, hi);
+          }
+          __m256i* p = reinterpret_cast<__m256i*>(isum.data() + o);
+          const __m256i part[4] = {_mm256_cvtepi16_epi32(_mm256_castsi256_si128(lo16)),
+                                   _mm256_cvtepi16_epi32(_mm256_castsi256_si128(hi16)),
+                                   _mm256_cvtepi16_epi32(_mm256_extracti128_si256(lo16, 1)),
+                                   _mm256_cvtepi16_epi32(_mm256_extracti128_si256(hi16, 1))};
+          for (int j = 0; j < 4; ++j)
+            _mm256_storeu_si256(p + j, _mm256_add_epi32(_mm256_loadu_si256(p + j), part[j]));
+        }
+      }
+      const int64_t g = k0 / kQBlock;
+      const int32_t offset = 8 * xsum[b * blocks + g];
+      const float d = xd[b * blocks + g];
+      const c10::Half* sg = scale + g * n_out;
+      const __m256 dv = _mm256_set1_ps(d);
+      const __m256i ov = _mm256_set1_epi32(offset);
+      for (int64_t o = 0; o < o32; o += 8) {
+        const __m256 ws =
+            _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sg + o)));
+        const __m256 v = _mm256_cvtepi32_ps(_mm256_sub_epi32(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(isum.data() + o)), ov));
+        _mm256_storeu_ps(a + o, _mm256_fmadd_ps(_mm256_mul_ps(dv, ws), v, _mm256_loadu_ps(a + o)));
+      }
+      for (int64_t o = o32; o < n_out; ++o) {  // outputs past the last 32
+        int32_t t = 0;
+        for (int64_t i = k0; i < k0 + kQBlock; ++i) {
+          const uint8_t byte = w[(i / 2) * n_out + o];
+          t += static_cast<int32_t>(qb[i]) * ((i % 2 ? byte >> 4 : byte & 15));
+        }
+        a[o] += d * static_cast<float>(sg[o]) * static_cast<float>(t - offset);
+      }
+    }
+  }
+}
+
 bool has_avx2() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                          __builtin_cpu_supports("f16c");
@@ -663,6 +741,22 @@ void product_rows(const float* x, int64_t m, int64_t n_in, const W* w, int64_t n
     for (int64_t b = 0; b < m; ++b) unsplit(y + b * n_out, n_out - n_out % 16);
 }
 
+#ifdef GPTFN_X86
+// y (m, out) = x (m, in) @ int4 w (in/2, out) with its scales, in the AVX2 loop.
+void product_q4(const float* x, int64_t m, int64_t n_in, const uint8_t* w,
+                const c10::Half* scale, int64_t n_out, float* y) {
+  const QuantizedRows xq(x, m, n_in);
+  const int64_t blocks = n_in / kQBlock;
+  std::vector<int32_t> xsum(static_cast<size_t>(m * blocks));
+  for (int64_t k = 0; k < m * blocks; ++k)
+    for (int64_t c = 0; c < kQBlock; ++c) xsum[k] += xq.q[k * kQBlock + c];
+  over_row_runs(m, n_in, n_out, kQBlock, y, [&](int64_t r0, int64_t r1, float* acc) {
+    rows_q4_avx2(xq.q.data(), xq.d.data(), xsum.data(), m, n_in, w, scale, n_out, r0, r1,
+                 acc);
+  });
+}
+#endif
+
 // y (m, out) = x (m, in) @ w.T, w (out, in): threads take runs of outputs.
 template <typename W>
 void product_dots(const float* x, int64_t m, int64_t n_in, const W* w, int64_t n_out, float* y) {
@@ -703,6 +797,14 @@ void product(const float* x, int64_t m, int64_t n_in, const W* w, int64_t n_out,
 
 at::Tensor dequantized(const at::Tensor& weight, const c10::optional<at::Tensor>& scale,
                        bool transposed) {
+  if (weight.scalar_type() == at::kByte) {  // int4, as gptfn.functional.unpack_int4
+    const int64_t n_out = weight.size(1);
+    at::Tensor q = at::stack({weight.bitwise_and(15), weight.bitwise_right_shift(4)}, 1)
+                       .reshape({-1, n_out}).to(at::kFloat).sub(8);  // (in, out)
+    return q.view({scale->size(0), -1, n_out})
+        .mul(scale->to(at::kFloat).unsqueeze(1))
+        .view({q.size(0), n_out});
+  }
   at::Tensor w = weight.to(at::kFloat);
   if (scale.has_value()) w = transposed ? w * scale->unsqueeze(1) : w * *scale;
   return transposed ? w.t() : w;  // (in, out)
@@ -718,17 +820,26 @@ at::Tensor rowmul(const at::Tensor& x, const at::Tensor& weight,
               x.scalar_type());
   TORCH_CHECK(weight.dim() == 2, "gptfn::rowmul takes a 2-d weight, got ", weight.dim(), "-d");
   const auto st = weight.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf || st == at::kChar,
-              "gptfn::rowmul takes fp32, bf16, fp16 or int8 weights, got ", st);
-  TORCH_CHECK((st == at::kChar) == scale.has_value(),
-              "gptfn::rowmul: int8 weights need a scale, and only they take one");
-  const int64_t n_in = transposed ? weight.size(1) : weight.size(0);
+  TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf || st == at::kChar ||
+                  st == at::kByte,
+              "gptfn::rowmul takes fp32, bf16, fp16, int8 or int4 (uint8) weights, got ", st);
+  const bool int4 = st == at::kByte;
+  TORCH_CHECK((st == at::kChar || int4) == scale.has_value(),
+              "gptfn::rowmul: int8 and int4 weights need a scale, and only they take one");
+  TORCH_CHECK(!(int4 && transposed), "gptfn::rowmul: int4 weights are [in/2, out], not transposed");
+  const int64_t n_in = transposed ? weight.size(1) : int4 ? 2 * weight.size(0) : weight.size(0);
   const int64_t n_out = transposed ? weight.size(0) : weight.size(1);
   TORCH_CHECK(x.size(-1) == n_in, "gptfn::rowmul: x has ", x.size(-1),
               " features, the weight takes ", n_in);
-  if (scale.has_value())
+  if (int4) {
+    TORCH_CHECK(n_in % kQBlock == 0 && scale->scalar_type() == at::kHalf && scale->dim() == 2 &&
+                    scale->size(0) == n_in / kQBlock && scale->size(1) == n_out,
+                "gptfn::rowmul: an int4 weight takes inputs in groups of ", kQBlock,
+                " and fp16 scales of shape [", n_in / kQBlock, ", ", n_out, "]");
+  } else if (scale.has_value()) {
     TORCH_CHECK(scale->scalar_type() == at::kFloat && scale->numel() == n_out,
                 "gptfn::rowmul: the scale must be ", n_out, " fp32 values");
+  }
   if (bias.has_value())
     TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == n_out,
                 "gptfn::rowmul: the bias must be ", n_out, " fp32 values");
@@ -741,11 +852,12 @@ at::Tensor rowmul(const at::Tensor& x, const at::Tensor& weight,
   }
   const int64_t m = x.numel() / n_in;
   at::Tensor xc = x.reshape({m, n_in}).contiguous();
-  // int8: the integer loops quantize x themselves; every other route takes it quantized
-  if (st == at::kChar && m > 0 && !(m <= kMaxRows && integer_loops())) {
+  // int8, int4: the integer loops quantize x themselves; every other route takes it quantized
+  const bool in_integers = m <= kMaxRows && integer_loops();
+  if ((st == at::kChar || int4) && m > 0 && !in_integers) {
     xc = quantized_activations(xc);
   }
-  if (m > kMaxRows) {
+  if (m > kMaxRows || (int4 && !in_integers)) {
     at::Tensor w = dequantized(weight, scale, transposed);
     at::Tensor y = bias.has_value() ? at::addmm(*bias, xc, w) : at::mm(xc, w);
     return y.view(shape);
@@ -765,11 +877,20 @@ at::Tensor rowmul(const at::Tensor& x, const at::Tensor& weight,
       case at::kHalf:
         product(xp, m, n_in, wc.data_ptr<c10::Half>(), n_out, transposed, yp);
         break;
+#ifdef GPTFN_X86
+      case at::kByte:  // the integer loops (the other routes took the dequantized copy)
+      {
+        const at::Tensor groups = scale->contiguous();
+        product_q4(xp, m, n_in, wc.data_ptr<uint8_t>(), groups.data_ptr<c10::Half>(), n_out, yp);
+        break;
+      }
+#endif
       default:
         product(xp, m, n_in, wc.data_ptr<int8_t>(), n_out, transposed, yp);
     }
     // scale and bias in one pass here: two ATen calls each cost more than the pass
-    at::Tensor sc = scale.has_value() ? scale->contiguous() : at::Tensor();
+    // (int4's group scales were applied inside its loop)
+    at::Tensor sc = scale.has_value() && !int4 ? scale->contiguous() : at::Tensor();
     at::Tensor bi = bias.has_value() ? bias->contiguous() : at::Tensor();
     const float* sp = sc.defined() ? sc.data_ptr<float>() : nullptr;
     const float* bp = bi.defined() ? bi.data_ptr<float>() : nullptr;
