@@ -149,10 +149,16 @@ def _run(args, rounds: int, target, out: Path, plot_result) -> None:
 
 
 def _run_workloads(args, rounds: int, target, out: Path, plot_result, peer_files) -> None:
+    import torch
+
     from benchmarks import (artifacts, compile_time, decode, loading, memory, prefill, tokenizer,
                             training)
 
     for name in args.workloads or WORKLOADS:
+        # each run compiles its own models' decode steps, one capture per weight format and
+        # shape, all of one function: torch.compile's budget of 8 captures a function must
+        # not run out because of an earlier workload's (a fresh start, as in a process of its own)
+        torch._dynamo.reset()
         if name == "decode":
             result = decode.bench_decode(args.quick, rounds, preset=args.model, target=target,
                                          hf_compiled=args.hf_compiled or None,
@@ -161,6 +167,7 @@ def _run_workloads(args, rounds: int, target, out: Path, plot_result, peer_files
             _report(out, result, plot_result)
             if args.batch_size == 1:  # the batched run would be this one again
                 continue
+            torch._dynamo.reset()
             result = decode.bench_decode(args.quick, rounds, preset=args.model,
                                          batch_size=args.batch_size or (4 if args.quick else 8),
                                          target=target, hf_compiled=args.hf_compiled or None,

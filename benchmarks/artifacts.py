@@ -71,7 +71,8 @@ def bench_artifacts(quick: bool, rounds: int, preset: str = "gpt2",
         }
         # weight formats (CPU, fp32 compute): their AOTInductor package against their
         # compiled decode step
-        schemes = (("int8",) if quick else ("bf16", "int8")) if _formats_apply(target) else ()
+        schemes = ((("int8",) if quick else ("bf16", "int8", "int4")) if _formats_apply(target)
+                   else ())
         for scheme in schemes:
             formatted = quantize(model, scheme).eval()
             name = f"aoti {scheme}"
@@ -145,7 +146,7 @@ def _formats_apply(target: Target) -> bool:
 def _compiled_peer(name: str) -> str:
     """The compiled decode step a generation is set against: the one of its own format."""
     scheme = name.split(" ")[-1] if " " in name else None
-    return f"compiled {scheme}" if scheme in ("bf16", "fp16", "int8") else "compiled"
+    return f"compiled {scheme}" if scheme in ("bf16", "fp16", "int8", "int4") else "compiled"
 
 
 def _cpp_decode_ms(package: Path, idx, new_tokens: int, rounds: int, tmp: Path,

@@ -11,20 +11,21 @@ Variants, same weights, dtype and prompt, interleaved in rounds after a warm-up:
 - ``compiled``: the same with ``compile=True`` (decode step compiled: on the CPU through
   gptfn's kernels, ``gptfn.kernels.route``; CUDA graphs on CUDA; compile time is measured
   apart, before the rounds);
-- ``eager_bf16``, ``compiled_bf16``, ``eager_int8``, ``compiled_int8`` (CPU, fp32 runs):
-  the same model in a weight format (``gptfn.quantize``); generation runs its decode step
-  through gptfn's kernels (``gptfn.kernels.route``), as captured or compiled by inductor;
-- ``aoti``, ``aoti_bf16``, ``aoti_int8`` (CPU, fp32 runs, batch 1; ``--quick``: int8
-  only): the AOTInductor package of each of those models (``export.aoti``: its forward
-  program prefills, its decode program steps, through gptfn's kernels), built before the
-  rounds (its time is reported with the compile times);
+- ``eager_bf16``, ``compiled_bf16``, ``eager_int8``, ``compiled_int8``, ``eager_int4``,
+  ``compiled_int4`` (CPU, fp32 runs): the same model in a weight format
+  (``gptfn.quantize``); generation runs its decode step through gptfn's kernels
+  (``gptfn.kernels.route``), as captured or compiled by inductor;
+- ``aoti``, ``aoti_bf16``, ``aoti_int8``, ``aoti_int4`` (CPU, fp32 runs, batch 1;
+  ``--quick``: int8 only): the AOTInductor package of each of those models
+  (``export.aoti``: its forward program prefills, its decode program steps, through gptfn's
+  kernels), built before the rounds (its time is reported with the compile times);
 - ``gemv``: a matrix-vector product (``torch.mv``) over a 256 MiB matrix (1 GiB on CUDA)
   with rows of 768 at the run's dtype, measured in the same rounds;
 - ``stream``: a plain sum over the same matrix: what the memory system delivers to a
   simple vectorized read;
 - the peers (``benchmarks.peers``, on the CPU): llama.cpp on gptfn's GGUF export (f32,
-  f16, q8_0) and ONNX Runtime on its ONNX export (fp32, int8), each in its own process with
-  gptfn's thread count, timed by its own token timestamps; batched, llama.cpp decodes the
+  f16, q8_0, q4_0) and ONNX Runtime on its ONNX export (fp32, int8), each in its own process
+  with gptfn's thread count, timed by its own token timestamps; batched, llama.cpp decodes the
   rows as sequences of one batch (ONNX Runtime runs at batch 1 only); the report matches
   gptfn's faster path at each precision with llama.cpp's (``against_llama_cpp``).
 
@@ -134,9 +135,9 @@ def bench_decode(quick: bool, rounds: int, preset: str = "gpt2", prompt_len: int
                  hf_compiled: Optional[bool] = None, peers: Sequence[str] = (),
                  peer_files: Optional[PeerFiles] = None, precisions: Sequence[str] = PRECISIONS,
                  log=print) -> dict:
-    """The decode workload. ``precisions``: which of gptfn's (fp32, bf16, int8) run beside
-    eager fp32 and HF, which always run (the references); a run of fewer needs less memory,
-    which GPT-2 XL does."""
+    """The decode workload. ``precisions``: which of gptfn's (fp32, bf16, int8, int4) run
+    beside eager fp32 and HF, which always run (the references); a run of fewer needs less
+    memory, which GPT-2 XL does."""
     from gptfn import GPTConfig, GPTModel
     from gptfn.generation import generate_tokens
     from gptfn.hugepages import huge_pages
@@ -378,7 +379,7 @@ def bench_decode(quick: bool, rounds: int, preset: str = "gpt2", prompt_len: int
 
 # precision -> (gptfn's variants at it, llama.cpp's variant at the nearest precision)
 _MATCHES = {"fp32": ("", "llama.cpp-f32"), "bf16": ("_bf16", "llama.cpp-f16"),
-            "int8": ("_int8", "llama.cpp-q8_0")}
+            "int8": ("_int8", "llama.cpp-q8_0"), "int4": ("_int4", "llama.cpp-q4_0")}
 
 
 def _no_room_for_package(weight_bytes: int) -> Optional[str]:

@@ -1,8 +1,9 @@
 """The engines users pick instead of gptfn, as peers in the decode and prefill workloads.
 
-- ``llama.cpp-f32``, ``llama.cpp-f16``, ``llama.cpp-q8_0``: llama.cpp (through
-  llama-cpp-python) on gptfn's own GGUF export (``export.gguf_file``) of the benchmark's
-  model, with llama.cpp's defaults (its float16 KV cache; logits of the last position only);
+- ``llama.cpp-f32``, ``llama.cpp-f16``, ``llama.cpp-q8_0``, ``llama.cpp-q4_0``: llama.cpp
+  (through llama-cpp-python) on gptfn's own GGUF export (``export.gguf_file``; q4_0: every
+  matrix in Q4_0, the tied head included) of the benchmark's model, with llama.cpp's
+  defaults (its float16 KV cache; logits of the last position only);
 - ``onnxruntime-fp32``, ``onnxruntime-int8``: ONNX Runtime on gptfn's ONNX export
   (``export.onnx_model``; int8: onnxruntime's dynamic quantization, ``export.interop``),
   driven as optimum drives it (past in, present out).
@@ -28,15 +29,18 @@ PEERS: Dict[str, Tuple[str, str]] = {
     "llama.cpp-f32": ("llama.cpp", "f32"),
     "llama.cpp-f16": ("llama.cpp", "f16"),
     "llama.cpp-q8_0": ("llama.cpp", "q8_0"),
+    "llama.cpp-q4_0": ("llama.cpp", "q4_0"),
     "onnxruntime-fp32": ("onnxruntime", "fp32"),
     "onnxruntime-int8": ("onnxruntime", "int8"),
 }
 # gptfn's precisions in the decode workload, each held against llama.cpp's nearest
-PRECISIONS = ("fp32", "bf16", "int8")
+PRECISIONS = ("fp32", "bf16", "int8", "int4")
 FORMATS = PRECISIONS[1:]  # the weight formats, measured beside fp32
 # bytes one weight takes, and one KV-cache value, in each peer (for MBU): q8_0 stores 32
-# int8 values and a float16 scale per block; llama.cpp keeps its KV cache in float16
-WEIGHT_BYTES = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32, "fp32": 4.0, "int8": 1.0}
+# int8 values and a float16 scale per block, q4_0 (and gptfn's int4) 32 4-bit values in 16
+# bytes and a float16 scale; llama.cpp keeps its KV cache in float16
+WEIGHT_BYTES = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "fp32": 4.0,
+                "int8": 1.0, "int4": 18 / 32}
 CACHE_BYTES = {"llama.cpp": 2, "onnxruntime": 4}
 
 

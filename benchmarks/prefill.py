@@ -4,9 +4,9 @@ Variants (same weights, same prompt, interleaved rounds after a warm-up): HF tra
 forward with ``use_cache=True, logits_to_keep=1`` (what its ``generate`` runs first), and
 gptfn's ``prefill`` into a static KV cache (eager; it also computes the last position's
 logits only); on the run's device and dtype (``--device``, ``--dtype``). On the CPU in
-fp32, gptfn's weight formats too (``eager_bf16``, ``eager_int8``: the same prefill over the
-quantized parameters: the core widens each matrix to fp32 and calls the BLAS, so a format
-saves no time where the products are bound by compute), and the peers
+fp32, gptfn's weight formats too (``eager_bf16``, ``eager_int8``, ``eager_int4``: the same
+prefill over the quantized parameters: the core widens each matrix to fp32 and calls the
+BLAS, so a format saves no time where the products are bound by compute), and the peers
 (``benchmarks.peers``: llama.cpp and ONNX Runtime on gptfn's GGUF and ONNX exports, each in
 its own process, timed by its own clock around one pass over the prompt; llama.cpp computes
 the last position's logits only, ONNX Runtime every position's, as optimum's export does).

@@ -3,7 +3,7 @@
 
 - ``torchscript``, ``pt2``, ``aoti``: torch artifacts, checked against eager gptfn
   (``--dtype float32|bfloat16``, ``--device``, ``--max-seq-len``).
-- ``gguf``: one file for llama.cpp (``--dtype f32|f16|q8_0``), checked by loading it in
+- ``gguf``: one file for llama.cpp (``--dtype f32|f16|q8_0|q4_0``), checked by loading it in
   llama.cpp (llama-cpp-python): logits, greedy tokens, tokenizer.
 - ``onnx``: a directory in HF optimum's decoder-with-past layout (``--int8`` adds
   ``model_quantized.onnx``), checked in ONNX Runtime: logits, greedy tokens via the cache.
@@ -34,7 +34,7 @@ def main(argv=None, prog: str = "python -m export") -> int:
                         help="artifact path (.pt, .pt2, .gguf), or a directory for onnx")
     parser.add_argument("--dtype", default=None,
                         help="torch kinds: float32 (default) or bfloat16; gguf: f32 (default), "
-                             "f16 or q8_0; onnx: float32")
+                             "f16, q8_0 or q4_0; onnx: float32")
     parser.add_argument("--int8", action="store_true",
                         help="onnx: also write model_quantized.onnx (onnxruntime's dynamic "
                              "int8 quantization), checked by its logits error")

@@ -8,8 +8,13 @@ GPT-2's byte-level BPE (``export.gguf_vocab``).
 
 Precisions (``--dtype``), as llama.cpp's converter writes them: ``f32``; ``f16`` (2-D
 weights in float16); ``q8_0`` (2-D weights in blocks of 32 int8 values with one float16
-scale, quantized by ``gguf.quants``; a matrix whose rows are not a multiple of 32 long falls
-back to f16). Norms and biases (1-D) and the position embeddings stay float32.
+scale, quantized by ``gguf.quants``). And ``q4_0``, as ``llama-quantize --pure`` writes it
+(the converter has no 4-bit type): 2-D weights in blocks of 32 4-bit values with one float16
+scale, ``gguf.quants``' Q4_0, the tied ``token_embd`` included. Plain ``llama-quantize
+model-f16.gguf q4_0`` would keep the tied head at Q6_K, which ``gguf.quants`` cannot write;
+all-Q4_0 is also what gptfn's ``int4`` format stores, which the benchmarks hold it against.
+In q8_0 and q4_0 a matrix whose rows are not a multiple of 32 long falls back to f16. Norms
+and biases (1-D) and the position embeddings stay float32.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from torch import Tensor
 
 from gptfn.config import GPTConfig
 
-DTYPES = ("f32", "f16", "q8_0")
+DTYPES = ("f32", "f16", "q8_0", "q4_0")
 ARCH = "gpt2"
 _BLOCK = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output",
           "ln_2": "ffn_norm", "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
@@ -66,8 +71,9 @@ def tensor_type(gguf, name: str, data: np.ndarray, dtype: str):
     t = gguf.GGMLQuantizationType
     if dtype == "f32" or data.ndim == 1 or name == "position_embd.weight":
         return t.F32
-    if dtype == "q8_0" and data.shape[-1] % gguf.GGML_QUANT_SIZES[t.Q8_0][0] == 0:
-        return t.Q8_0
+    quantized = {"q8_0": t.Q8_0, "q4_0": t.Q4_0}.get(dtype)
+    if quantized is not None and data.shape[-1] % gguf.GGML_QUANT_SIZES[quantized][0] == 0:
+        return quantized
     return t.F16
 
 
@@ -81,7 +87,8 @@ def write_gguf(path: Path, config: GPTConfig, params: Dict[str, Tensor], dtype: 
         raise ValueError(f"unknown GGUF dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     gguf = import_gguf()
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
+                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                 "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[dtype]
     writer = gguf.GGUFWriter(path, ARCH)
     try:
         writer.add_name(name)

@@ -134,17 +134,20 @@ def test_quick_suite_writes_reports(tmp_path):
 
     running = set(PEERS) - set(missing(list(PEERS)))
     decode = json.loads((tmp_path / "decode.json").read_text())
-    formats = {f"{mode}_{scheme}" for mode in ("eager", "compiled") for scheme in ("bf16", "int8")}
+    formats = {f"{mode}_{scheme}" for mode in ("eager", "compiled")
+               for scheme in ("bf16", "int8", "int4")}
     assert {r["variant"] for r in decode["rows"]} == ({"hf", "eager", "compiled", "aoti_int8"}
                                                       | formats | running)
     assert all(r["mb_per_token"] > 0 for r in decode["rows"])
     mb = {r["variant"]: r["mb_per_token"] for r in decode["rows"]}
-    assert mb["eager_int8"] < mb["eager_bf16"] < mb["eager"]  # each format reads its own bytes
+    # each format reads its own bytes
+    assert mb["eager_int4"] < mb["eager_int8"] < mb["eager_bf16"] < mb["eager"]
     assert set(decode["peers_left_out"]) == set(PEERS) - running
     assert decode["agreement"]["tokens_equal_to_hf"].keys() >= running
     # each precision where llama.cpp ran is matched with gptfn's faster path at it
     against = {a["precision"]: a for a in decode["against_llama_cpp"]}
-    want = {"fp32": "llama.cpp-f32", "bf16": "llama.cpp-f16", "int8": "llama.cpp-q8_0"}
+    want = {"fp32": "llama.cpp-f32", "bf16": "llama.cpp-f16", "int8": "llama.cpp-q8_0",
+            "int4": "llama.cpp-q4_0"}
     assert {p: a["peer"] for p, a in against.items()} == {
         p: peer for p, peer in want.items() if peer in running}
     for precision, a in against.items():
@@ -159,12 +162,15 @@ def test_quick_suite_writes_reports(tmp_path):
     assert batched["agreement"]["tokens_equal_to_hf"].keys() >= llama
     prefill = json.loads((tmp_path / "prefill.json").read_text())
     assert {r["variant"] for r in prefill["rows"]} == {"hf", "eager", "eager_bf16",
-                                                       "eager_int8"} | running
+                                                       "eager_int8", "eager_int4"} | running
+    # 4-bit weights are 16 times coarser than 8-bit ones: their bound is 0.4, still well
+    # below the error of a wrong model (1 or more)
     for key, error in prefill["peer_errors"].items():  # each peer computed the same model
-        assert error < (0.1 if "int8" in key or "q8_0" in key else 2e-3), key
+        assert error < (0.4 if "q4_0" in key else 0.1 if "int8" in key or "q8_0" in key
+                        else 2e-3), key
     errors = prefill["format_errors"]  # each format the fp32 model, within its rounding
-    assert set(errors) == {f"eager_{s}@{t}" for s in ("bf16", "int8") for t in (32, 128)}
-    assert all(0 < e < 5e-2 for e in errors.values()), errors
+    assert set(errors) == {f"eager_{s}@{t}" for s in ("bf16", "int8", "int4") for t in (32, 128)}
+    assert all(0 < e < (0.4 if "int4" in k else 5e-2) for k, e in errors.items()), errors
 
 
 def test_quick_bf16_with_hf_compiled_peer(tmp_path):
@@ -195,8 +201,8 @@ def test_decode_at_chosen_precisions_only(tmp_path):
     assert r.stdout.count("decode: tiny on") == 1, r.stdout  # one decode run, not two
     r = subprocess.run([sys.executable, "-m", "benchmarks", "decode", "--precisions", "fp16"],
                        capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 2 and "--precisions: expected a comma list of fp32, bf16, int8" \
-        in r.stderr
+    assert r.returncode == 2 and "--precisions: expected a comma list of fp32, bf16, int8, " \
+        "int4" in r.stderr
 
 
 def test_hf_peer_can_share_the_weights():

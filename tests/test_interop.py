@@ -113,7 +113,8 @@ def _dequantized(path: Path) -> dict:
 
 
 @needs_llama
-@pytest.mark.parametrize("dtype, weight_error", [("f32", 0.0), ("f16", 1e-3), ("q8_0", 1e-2)])
+@pytest.mark.parametrize("dtype, weight_error", [("f32", 0.0), ("f16", 1e-3), ("q8_0", 1e-2),
+                                                 ("q4_0", 0.13)])  # q4_0: 1/8 of a block's max
 def test_gguf_runs_in_llama_cpp_as_gptfn(bpe_dir, tmp_path, dtype, weight_error):
     out = tmp_path / f"model-{dtype}.gguf"
     assert export("gguf", "--model", bpe_dir, "--out", out, "--dtype", dtype) == 0
@@ -153,21 +154,22 @@ def test_gguf_of_a_tiny_vocabulary_without_qkv_bias(tiny_dir, tmp_path):
 
 
 @needs_llama
-def test_gpt2_preset_exports_to_gguf_in_three_dtypes(tmp_path):
+def test_gpt2_preset_exports_to_gguf_in_four_dtypes(tmp_path):
     from export.interop import build_gguf
     from gptfn.weights.resolve import load_model
 
     model = load_model("gpt2", True, 0, torch.float32, torch.device("cpu"))
     sizes = {}
-    for dtype in ("f32", "f16", "q8_0"):
+    for dtype in ("f32", "f16", "q8_0", "q4_0"):
         out = tmp_path / f"gpt2-{dtype}.gguf"
         report = build_gguf(model, out, dtype, seed=0, threads=2, log=lambda m: None)
         assert report["greedy"]["steps"] >= 16 and report["tokenizer"]["checked"]
         assert report["greedy"]["tokens_equal"] or dtype != "f32"
         sizes[dtype] = out.stat().st_size
-    # one copy of each weight (no separate head): 124M values at 4, 2 and ~1.06 bytes
+    # one copy of each weight (no separate head): 124M values at 4, 2, ~1.06 and ~0.56 bytes
+    # (q8_0 and q4_0: 34 and 18 bytes a block of 32; the position embeddings stay float32)
     assert 490e6 < sizes["f32"] < 510e6 and 245e6 < sizes["f16"] < 265e6
-    assert 130e6 < sizes["q8_0"] < 150e6
+    assert 130e6 < sizes["q8_0"] < 150e6 and 70e6 < sizes["q4_0"] < 80e6
 
 
 @needs_llama
@@ -339,7 +341,7 @@ def test_onnx_export_replaces_its_own_earlier_export(tiny_dir, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["gguf", "--dtype", "q4_0"], "--dtype for gguf must be one of f32, f16, q8_0"),
+    (["gguf", "--dtype", "q5_1"], "--dtype for gguf must be one of f32, f16, q8_0, q4_0"),
     (["gguf", "--max-seq-len", "20"], "--max-seq-len is for torch artifacts"),
     (["gguf", "--int8"], "--int8 is for onnx exports"),
     (["onnx", "--dtype", "bfloat16"], "--dtype for onnx must be float32"),
