@@ -28,6 +28,7 @@ from typing import List, Optional
 
 import torch
 from torch import fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 _aten = torch.ops.aten
 # each op as torch.compile's graph calls it, then as torch.export's ATen graph does
@@ -97,7 +98,7 @@ def _plain(node: fx.Node) -> Optional[tuple]:
     return x, weight, bias, transposed
 
 
-_INT4_CHAIN = 16  # at most this many ops unpack an int4 weight (the core takes 9)
+_INT4_CHAIN = 40  # at most this many nodes unpack an int4 weight (the core: 11, and sizes)
 
 
 def _int4(node: fx.Node) -> Optional[tuple]:
@@ -121,19 +122,31 @@ def _int4(node: fx.Node) -> Optional[tuple]:
             todo += n.all_input_nodes
         else:
             return None
-    values = {n: _value(n) for n in leaves}
-    packed = [n for n, v in values.items() if v is not None and v.dtype == torch.uint8]
-    scale = [n for n, v in values.items() if v is not None and v.dtype == torch.float16]
+    # the tensors among them (a dynamic capture also passes its symbolic sizes as inputs)
+    values = {n: v for n in leaves if (v := _value(n)) is not None}
+    packed = [n for n, v in values.items() if v.dtype == torch.uint8]
+    scale = [n for n, v in values.items() if v.dtype == torch.float16]
     xv, wv = _value(x), _value(unpacked)
-    if (len(leaves) != 2 or len(packed) != 1 or len(scale) != 1 or xv is None or wv is None
+    if (len(values) != 2 or len(packed) != 1 or len(scale) != 1 or xv is None or wv is None
             or xv.dtype != torch.float32 or xv.device.type != "cpu"):
         return None
     pv, sv = values[packed[0]], values[scale[0]]
-    n_in, n_out = tuple(wv.shape) if wv.dim() == 2 else (None, None)
-    if (pv.dim() != 2 or tuple(pv.shape) != (n_in // 2, n_out) or n_in % 32
-            or tuple(sv.shape) != (n_in // 32, n_out)):
+    if pv.dim() != 2 or sv.dim() != 2 or wv.dim() != 2:
+        return None
+    n_in, n_out = wv.shape
+    sizes = ((2 * pv.shape[0], n_in), (pv.shape[1], n_out), (32 * sv.shape[0], n_in),
+             (sv.shape[1], n_out))
+    if any(_differ(a, b) for a, b in sizes):
         return None
     return x, packed[0], scale[0]
+
+
+def _differ(a, b) -> bool:
+    """Whether two sizes are known to differ. A capture made dynamic after a change of
+    shapes (generation's eager route, one model after another in one process) has symbolic
+    sizes, whose relations it may not know: those are taken, and ``rowmul`` checks the
+    sizes it gets when it runs."""
+    return statically_known_true(a != b)
 
 
 _SDPA = (torch._C._nn.scaled_dot_product_attention,
