@@ -40,7 +40,8 @@ def quantize_params(params: Mapping[str, Tensor], scheme: str) -> Dict[str, Tens
                          "format: quantize a plain (fp32) model")
     matrices = set(matrix_keys(num_layers_of(params)))
     if scheme == "int4":
-        problems = [p for k in sorted(matrices) if (p := int4_problem(k, params[k].shape))]
+        problems = [p for k in sorted(matrices & set(params))
+                    if (p := int4_problem(k, params[k].shape))]
         if problems:
             raise ValueError("; ".join(problems))
     out: Dict[str, Tensor] = {}
