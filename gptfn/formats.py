@@ -58,19 +58,23 @@ def output_dim(key: str) -> int:
     return 0 if key == "wte.weight" else 1
 
 
-def stored_shape(key: str, shape: Sequence[int], scheme: Optional[str]) -> Tuple[int, ...]:
-    """The shape matrix ``key`` of canonical ``shape`` is stored in under ``scheme``: int4
-    packs the product's ``[in, out]`` weight to ``(in/2, out)`` (``wte [V, C]`` -> ``(C/2,
-    V)``); every other scheme keeps the canonical shape."""
-    if scheme != "int4":
-        return tuple(shape)
-    n_in, n_out = (shape[1], shape[0]) if key == "wte.weight" else (shape[0], shape[1])
+def _inputs_outputs(key: str, shape: Sequence[int]) -> Tuple[int, int]:
+    """(inputs, outputs) of matrix ``key`` of canonical ``shape``."""
+    out = output_dim(key)
+    return shape[1 - out], shape[out]
+
+
+def int4_shape(key: str, shape: Sequence[int]) -> Tuple[int, int]:
+    """The shape int4 stores matrix ``key`` of canonical ``shape`` in: the product's
+    ``[in, out]`` weight packed two inputs a byte, ``(in/2, out)`` (``wte [V, C]`` -> ``(C/2,
+    V)``)."""
+    n_in, n_out = _inputs_outputs(key, shape)
     return (n_in // 2, n_out)
 
 
 def int4_problem(key: str, shape: Sequence[int]) -> Optional[str]:
     """Why matrix ``key`` of canonical ``shape`` cannot be stored in int4, or None."""
-    n_in = shape[1] if key == "wte.weight" else shape[0]
+    n_in, _ = _inputs_outputs(key, shape)
     if n_in % GROUP:
         return (f"{key}: int4 needs the inputs of each matrix in whole groups of {GROUP}, "
                 f"got {n_in}")

@@ -13,8 +13,8 @@ import torch
 from torch import Tensor
 
 from gptfn.config import GPTConfig
-from gptfn.formats import (SCALE_SUFFIX, format_problems, int4_problem, matrix_keys,
-                           stored_shape)
+from gptfn.formats import (SCALE_SUFFIX, format_problems, int4_problem, int4_shape,
+                           matrix_keys)
 
 Shape = Tuple[int, ...]
 
@@ -112,7 +112,7 @@ def validate_params(params: Mapping[str, Tensor], config: GPTConfig) -> None:
             problem = int4_problem(key, expected[key])
             if problem:
                 problems.append(problem)
-            expected[key] = stored_shape(key, expected[key], "int4")
+            expected[key] = int4_shape(key, expected[key])
     missing = [k for k in expected if k not in params]
     unexpected = [k for k in params if k not in expected and not k.endswith(SCALE_SUFFIX)]
     if missing:

@@ -30,6 +30,8 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from gptfn.formats import GROUP
+
 _aten = torch.ops.aten
 # each op as torch.compile's graph calls it, then as torch.export's ATen graph does
 _LINEAR = (torch._C._nn.linear, torch.nn.functional.linear, _aten.linear.default)
@@ -134,7 +136,7 @@ def _int4(node: fx.Node) -> Optional[tuple]:
     if pv.dim() != 2 or sv.dim() != 2 or wv.dim() != 2:
         return None
     n_in, n_out = wv.shape
-    sizes = ((2 * pv.shape[0], n_in), (pv.shape[1], n_out), (32 * sv.shape[0], n_in),
+    sizes = ((2 * pv.shape[0], n_in), (pv.shape[1], n_out), (GROUP * sv.shape[0], n_in),
              (sv.shape[1], n_out))
     if any(_differ(a, b) for a, b in sizes):
         return None
