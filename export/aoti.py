@@ -22,13 +22,14 @@ from __future__ import annotations
 import io
 import json
 import warnings
+from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Tuple
 
 import torch
 from torch import Tensor
 
 from export.artifact import CachedForward, DecodeStep
-from export.build import _TREESPEC_DEPRECATED
+from export.build import _TREESPEC_DEPRECATED, write_streamed
 from gptfn.config import GPTConfig
 
 PROGRAMS = ("forward", "decode")
@@ -51,10 +52,7 @@ def export_programs(config: GPTConfig, params: Dict[str, Tensor], max_seq_len: i
     from torch.export import Dim
 
     dtype = params["wpe.weight"].dtype  # the compute dtype (a weight format keeps wpe)
-    # one tensor with a storage of its own per weight, the same in both programs: the
-    # package stores each storage once (loaded weights are often views of one file's map)
-    params = {k: v.detach().clone(memory_format=torch.contiguous_format)
-              for k, v in params.items()}
+    params = _own_storages(params)
     batch, seq = Dim("batch", min=1, max=MAX_BATCH), Dim("seq", min=1, max=max_seq_len)
     every_layer = [{0: batch}] * config.num_layers
     idx = torch.zeros(2, min(8, max_seq_len), dtype=torch.long, device=device)
@@ -77,6 +75,23 @@ def export_programs(config: GPTConfig, params: Dict[str, Tensor], max_seq_len: i
     return programs
 
 
+def _own_storages(params: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """``params`` with a storage of its own for each weight, the same tensors in both
+    programs: the package stores each storage whole, once (loaded weights are often views of
+    one file's map). A weight that already is its whole storage is kept, not copied: a copy
+    is one more set of weights in memory while the package is built."""
+    out, seen = {}, set()
+    for k, v in params.items():
+        v, storage = v.detach(), v.untyped_storage()
+        whole = (v.is_contiguous() and v.storage_offset() == 0
+                 and storage.nbytes() == v.numel() * v.element_size())
+        if not whole or storage.data_ptr() in seen:
+            v = v.clone(memory_format=torch.contiguous_format)
+        seen.add(v.untyped_storage().data_ptr())
+        out[k] = v
+    return out
+
+
 def routed_forward(config: GPTConfig, params: Dict[str, Tensor], max_seq_len: int):
     """``idx (B, T) -> logits`` through the package's forward program as it is before
     AOTInductor compiles it (on the CPU: rewritten onto gptfn's kernels), run op by op."""
@@ -97,9 +112,9 @@ def routed_forward(config: GPTConfig, params: Dict[str, Tensor], max_seq_len: in
     return forward
 
 
-def package(config: GPTConfig, params: Dict[str, Tensor], max_seq_len: int,
-            say: Callable[[str], None] = lambda message: None) -> memoryview:
-    """The package's bytes: both programs exported, routed onto the kernels (CPU),
+def package(config: GPTConfig, params: Dict[str, Tensor], max_seq_len: int, path: Path,
+            say: Callable[[str], None] = lambda message: None) -> None:
+    """Write the package to ``path``: both programs exported, routed onto the kernels (CPU),
     compiled by AOTInductor and archived with one copy of the weights."""
     from torch._inductor.package import package_aoti
 
@@ -129,9 +144,8 @@ def package(config: GPTConfig, params: Dict[str, Tensor], max_seq_len: int,
             args, kwargs = program.example_inputs
             files[name] = torch._inductor.aot_compile(program.module(check_guards=False), args,
                                                       kwargs, options=dict(options))
-        buffer = io.BytesIO()
-        package_aoti(buffer, files)
-    return buffer.getbuffer()
+        say("writing the package (the programs and one copy of the weights)")
+        write_streamed(path, lambda f: package_aoti(f, files))
 
 
 class AOTIPackage:

@@ -72,14 +72,18 @@ class ScriptableGPT(nn.Module):
 
 
 class _Weights(nn.Module):
-    """The parameters as buffers ``p0, p1, ...`` (one per key, in order): what torch.export
-    lifts into a program's constants, shared by the AOTInductor package's two programs."""
+    """The parameters as frozen parameters ``p0, p1, ...`` (one per key, in order): what
+    torch.export lifts into a program's constants, shared by the AOTInductor package's two
+    programs. Parameters, not buffers: AOTInductor copies every buffer of a program it
+    compiles (a buffer may be mutated), which held two more copies of the weights while a
+    package was built."""
 
     def __init__(self, config: GPTConfig, params: Dict[str, Tensor]):
         super().__init__()
         self.config = config
         for i, (k, v) in enumerate(params.items()):
-            self.register_buffer(f"p{i}", v.detach().contiguous())
+            self.register_parameter(f"p{i}", nn.Parameter(v.detach().contiguous(),
+                                                          requires_grad=False))
         self.keys_order = list(params)
 
     def params(self) -> Dict[str, Tensor]:

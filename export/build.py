@@ -55,10 +55,9 @@ def save_torchscript(config: GPTConfig, params: Dict[str, Tensor], path: Path,
 
 
 def write_bytes(path: Path, data) -> None:
-    """Write ``data`` (bytes, or a buffer) to ``path`` with Python's file I/O, so that a
-    failed write (a full disk) is an OSError. Artifacts are serialized in memory first
-    because torch's stream writer, given a file name, aborts the whole process when a write
-    fails (its destructor throws: no exception, no clean-up, a C++ trace)."""
+    """Write ``data`` (bytes, or a buffer: a TorchScript module serializes itself to one)
+    to ``path`` with Python's file I/O, so that a failed write (a full disk) is an OSError
+    naming the file."""
     try:
         with open(path, "wb") as fh:
             fh.write(data)
@@ -66,12 +65,51 @@ def write_bytes(path: Path, data) -> None:
         raise OSError(e.errno, e.strerror, str(path)) from None  # the message names the file
 
 
-def _in_memory(save: Callable[[io.BytesIO], object]) -> memoryview:
-    buffer = io.BytesIO()
+class _Sink(io.RawIOBase):
+    """A file for torch's archive writer that never raises into it: the first failed write
+    (a full disk) is kept and every later one dropped, so the writer finishes and the error
+    is raised after it, in Python. An exception raised inside the writer's callback reaches
+    its C++ destructor, which aborts the whole process (no exception, no clean-up)."""
+
+    def __init__(self, fh):
+        super().__init__()
+        self.fh, self.error = fh, None
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return self.fh.seekable()
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self.fh.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.fh.tell()
+
+    def write(self, data) -> int:
+        if self.error is None:
+            try:
+                self.fh.write(data)
+            except OSError as e:
+                self.error = e
+        return memoryview(data).nbytes
+
+
+def write_streamed(path: Path, save: Callable[[object], object]) -> None:
+    """``save(f)`` straight into ``path`` (torch.export.save, AOTInductor's package_aoti):
+    the archive is not held in memory, where it would be one more copy of the weights, and
+    a failed write is an OSError naming the file (see ``_Sink``)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_TREESPEC_DEPRECATED, category=FutureWarning)
-        save(buffer)
-    return buffer.getbuffer()
+        try:
+            with open(path, "wb") as fh:
+                sink = _Sink(fh)
+                save(sink)
+                if sink.error is not None:
+                    raise sink.error
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, str(path)) from None  # names the file
 
 
 def load_torchscript(path: Path):
@@ -122,14 +160,12 @@ def build(kind: str, model, out: Path, max_seq_len: int,
             say("exporting the forward pass (torch.export)")
             program = export_forward(model, config, max_seq_len, device)
             say(f"writing {out.name}")
-            write_bytes(temps[0], _in_memory(lambda f: torch.export.save(program, f)))
+            write_streamed(temps[0], lambda f: torch.export.save(program, f))
         else:
             from export.aoti import package
 
             temps.append(temp_path(out, ".pt2"))
-            data = package(config, params, max_seq_len, say)
-            say(f"writing {out.name}")
-            write_bytes(temps[0], data)
+            package(config, params, max_seq_len, temps[0], say)
         say("verifying against eager gptfn (logits and greedy decoding)")
         report = verify(kind, temps)
         say(f"committing {', '.join(f.name for f in [*finals, report_final])}")

@@ -225,7 +225,7 @@ def test_a_package_is_left_out_where_memory_is_short():
 
     assert _no_room_for_package(1) is None
     why = _no_room_for_package(10**15)  # a petabyte of weights
-    assert why.startswith("building it needs about 6000000 GB of memory")
+    assert why.startswith("building it needs about 2000000 GB of memory")
 
 
 def test_peers_are_named_or_refused():

@@ -1,5 +1,7 @@
 """The export suite: artifacts equal eager gptfn, load without gptfn, fail cleanly."""
 
+import errno
+import json
 import os
 import subprocess
 import sys
@@ -119,6 +121,35 @@ def test_aoti_packages_forward_and_decode_over_one_copy_of_the_weights(tiny_dir,
         del placed
         assert torch.equal(load(out, huge_pages=True).generate(prompt, 19),
                            generate(model, prompt, 19))
+
+
+def test_building_a_package_holds_less_than_one_more_copy_of_the_weights(tmp_path):
+    """The build holds no copy of the weights of its own: AOTInductor is given parameters,
+    which it uses as they are (it copies every buffer, a copy per program), the weights are
+    not cloned for the package, and the archive is written straight to its file (in memory
+    it would be one more copy). What is left is the compiler's own memory and one weight at
+    a time pickled into the archive."""
+    out = tmp_path / "package.pt2"
+    r = subprocess.run([sys.executable, "-m", "tests.package_memory", str(out)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads(r.stdout.splitlines()[-1])
+    assert out.stat().st_size > m["weights"]  # the weights are in the package
+    assert m["after"] - m["before"] < 1.5 * m["weights"], m  # 4.8x with those copies
+
+
+def test_an_archive_written_to_a_full_disk_is_an_error_naming_the_file():
+    """torch's archive writer is given a file that never raises into it (an exception
+    inside its write callback aborts the process): the full disk is an OSError after it."""
+    from export.build import write_streamed
+
+    full = Path("/dev/full")
+    if not full.exists():
+        pytest.skip("no /dev/full on this system")
+    program = torch.export.export(torch.nn.Linear(256, 256), (torch.zeros(1, 256),))
+    with pytest.raises(OSError, match="/dev/full") as e:
+        write_streamed(full, lambda f: torch.export.save(program, f))
+    assert e.value.errno == errno.ENOSPC
 
 
 def test_aoti_package_runs_gptfns_kernels_on_the_cpu(tiny_dir, aoti_export):
