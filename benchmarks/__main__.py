@@ -155,9 +155,9 @@ def _run_workloads(args, rounds: int, target, out: Path, plot_result, peer_files
                             training)
 
     for name in args.workloads or WORKLOADS:
-        # each run compiles its own models' decode steps, one capture per weight format and
-        # shape, all of one function: torch.compile's budget of 8 captures a function must
-        # not run out because of an earlier workload's (a fresh start, as in a process of its own)
+        # each workload starts from an empty torch.compile cache, as in a process of its own:
+        # its compile times are cold, and no capture of an earlier workload's shapes (made
+        # symbolic by them) serves its models
         torch._dynamo.reset()
         if name == "decode":
             result = decode.bench_decode(args.quick, rounds, preset=args.model, target=target,

@@ -8,8 +8,9 @@ design's generate did; ``stream(...)`` yields the new tokens (and their text) as
 come. Both run the functional core on the model's parameters, with a static KV cache.
 With ``compile=True`` the decode step alone is compiled (``fullgraph=True``; CUDA graphs via
 ``mode="reduce-overhead"`` on a GPU): its inputs keep their shapes from step to step and
-the position is a tensor, so it compiles once and never recompiles. Sampling, EOS checks
-and tokenization stay outside compiled code.
+the position is a tensor, so it compiles once per generation and not per step, and a later
+generation of other shapes compiles once more with those sizes symbolic (``_CAPTURES``).
+Sampling, EOS checks and tokenization stay outside compiled code.
 
 A prompt longer than the context, or prompt + max_new_tokens beyond it, is an error:
 there is no sliding window.
@@ -116,22 +117,32 @@ def decode_function(params: Mapping[str, Tensor], config: GPTConfig,
     if device.type == "cpu" and compile and fp32:
         from gptfn.kernels import route
 
-        return torch.compile(_decode_compiled_with_kernels, fullgraph=True, dynamic=False,
-                             backend=route.rowmul_inductor)
+        return torch.compile(_decode_compiled_with_kernels, fullgraph=True, dynamic=None,
+                             recompile_limit=_CAPTURES, backend=route.rowmul_inductor)
     if device.type == "cpu" and scheme_of(params) is not None:
         from gptfn.kernels import route
 
-        # shapes may vary (batch, cache length): captured once more as dynamic, not per size
         return torch.compile(_decode_with_kernels, fullgraph=True, dynamic=None,
-                             backend=route.rowmul_eager)
+                             recompile_limit=_CAPTURES, backend=route.rowmul_eager)
     if not compile:
         return decode_logits
     mode = "reduce-overhead" if device.type == "cuda" else None
-    return torch.compile(decode_logits, fullgraph=True, dynamic=False, mode=mode)
+    return torch.compile(decode_logits, fullgraph=True, dynamic=None,
+                         recompile_limit=_CAPTURES, mode=mode)
 
 
-# One function per route, so that each route's captures (torch.compile caches them by code
-# object) have their own recompile budget rather than sharing decode_logits'.
+# torch.compile keeps the captures of a function (by code object) for every later call, from
+# any generation, and with fullgraph=True fails once it would exceed their limit (torch's
+# default, 8). A step is captured for its first shapes; a call of other shapes (batch, cache
+# length, another model's sizes) is captured once more with the sizes that changed symbolic
+# (dynamic=None: torch's automatic dynamic shapes), which then serves every size. So one
+# route's captures are a few per weight format and dtype, whatever the shapes: the limit
+# covers all formats at once, with room, however many generations a process runs.
+_CAPTURES = 64
+
+
+# One function per route, so that each route's captures have their own budget rather than
+# sharing decode_logits'.
 def _decode_with_kernels(*args) -> Tensor:
     return decode_logits(*args)
 

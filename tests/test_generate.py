@@ -133,6 +133,25 @@ def test_compiled_decode_equals_eager_and_never_recompiles():
     assert counters["stats"]["unique_graphs"] == 0
 
 
+def test_compiled_generation_of_many_shapes_compiles_a_few_times():
+    """A process that generates at many prompt lengths and batch sizes (a server) compiles
+    the decode step for the first shapes and once or twice more with the sizes that changed
+    symbolic, not once per size: with a capture per size, the ninth raised torch's
+    FailOnRecompileLimitHit (fullgraph=True)."""
+    from torch._dynamo.utils import counters
+
+    cfg = tiny_config(context_length=64)
+    model, _ = model_and_params(cfg, seed=9)
+    torch._dynamo.reset()
+    counters.clear()
+    for i, (batch, length) in enumerate([(1, 3), (1, 5), (2, 4), (1, 7), (3, 2), (2, 9),
+                                         (1, 11), (4, 6), (2, 13), (1, 15), (3, 17)]):
+        idx = random_idx(cfg, batch, length, seed=i)
+        assert torch.equal(generate(model, idx, 4 + i, compile=True),
+                           generate(model, idx, 4 + i))
+    assert counters["stats"]["unique_graphs"] <= 3
+
+
 def test_stream_yields_tokens_and_text():
     cfg = tiny_config(vocab_size=50257, context_length=64)
     model, _ = model_and_params(cfg, seed=8)
