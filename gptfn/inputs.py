@@ -113,6 +113,17 @@ def check_tokens(idx: Tensor, vocab_size: int, context_length: int) -> None:
         raise ValueError(f"token id {bad} is outside the vocab [0, {vocab_size})")
 
 
+def check_targets(targets: Tensor, vocab_size: int, ignore_index: int) -> None:
+    """Targets read back to the host, so that one outside ``[0, vocab_size)`` that is not
+    ``ignore_index`` is a ValueError naming it. For the places data enters (the training
+    loop's batches, ``GPTModel`` given a list): the loss itself asserts the same without a
+    device sync (``gptfn.loss.linear_cross_entropy``), so a compiled step takes it whole."""
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
+    if bool(bad.any()):
+        raise ValueError(f"targets must be token ids in [0, {vocab_size}) or {ignore_index} "
+                         f"(ignore_index), got {int(targets[bad][0])}")
+
+
 def require_tensor(value: Any, name: str = "idx") -> Tensor:
     """``value`` if it is a tensor; else TypeError naming ``name`` and the type (the
     functional entry points take tensors only)."""

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from gptfn import functional as F
 from gptfn.config import PRESET_ALIASES, PRESETS, GPTConfig, resolve_config
 from gptfn.formats import SCALE_SUFFIX, scheme_of
-from gptfn.inputs import as_token_rows, check_tokens
+from gptfn.inputs import as_token_rows, check_targets, check_tokens
 from gptfn.loss import IGNORE_INDEX, linear_cross_entropy
 from gptfn.params import init_params, num_params, validate_params
 
@@ -264,8 +264,9 @@ class GPTModel(nn.Module):
             if not isinstance(idx, Tensor):  # ids from the host: name a bad one (no sync)
                 idx = as_token_rows(idx, "idx", self.wte.weight.device)
                 check_tokens(idx, self.vocab_size, self.context_length)
-            if targets is not None:
+            if targets is not None and not isinstance(targets, Tensor):  # as idx above
                 targets = as_token_rows(targets, "targets", self.wte.weight.device)
+                check_targets(targets, self.vocab_size, self.ignore_index)
         F.check_idx(idx, self.vocab_size, self.context_length)
         pos = torch.arange(idx.size(1), device=idx.device)  # (T,)
         x = F.embed(idx, pos, self.wte.weight, self.wpe.weight, self.dropout, self.training,

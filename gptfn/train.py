@@ -47,6 +47,7 @@ from gptfn.checkpoint import (POINTER, has_checkpoint, load_checkpoint, remove_e
 from gptfn.config import GPTConfig
 from gptfn.errors import TrainingDiverged, TrainingInterrupted
 from gptfn.fileio import atomic_write_text
+from gptfn.inputs import check_targets, check_tokens
 from gptfn.modules import GPTModel
 
 
@@ -102,8 +103,14 @@ def calc_loss_batch(input_batch: Tensor, target_batch: Tensor, model: nn.Module,
 
     Shapes: input_batch, target_batch (B, T) -> scalar.
     """
+    core = getattr(model, "module", model)  # DDP's wrapped model
+    if isinstance(core, GPTModel):
+        # where batches enter (on the host, before the copy): a bad id is named here, and
+        # the step itself only asserts on the device (no sync: it compiles whole)
+        check_tokens(input_batch, core.vocab_size, core.context_length)
+        check_targets(target_batch, core.vocab_size, core.ignore_index)
     input_batch, target_batch = input_batch.to(device), target_batch.to(device)
-    if isinstance(getattr(model, "module", model), GPTModel):
+    if isinstance(core, GPTModel):
         return model(input_batch, target_batch)  # the fused head + loss (gptfn.loss)
     logits = model(input_batch)  # (B, T, V)
     return F.cross_entropy(logits.flatten(0, 1).float(), target_batch.flatten())

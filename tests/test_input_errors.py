@@ -9,6 +9,7 @@ from gptfn import BPETokenizer, GPTModel, KVCache, generate, gpt_forward, stream
 from gptfn.kv_cache import decode_step, prefill
 from gptfn.loss import linear_cross_entropy
 from gptfn.scripting import script
+from gptfn.train import calc_loss_batch
 from tests.helpers import random_idx, tiny_config
 
 tok = BPETokenizer()
@@ -149,8 +150,14 @@ def test_bad_targets_are_named(model):
     for value in (-5, -1, 97, 1000):
         bad = idx.clone()
         bad[1, 2] = value
-        with pytest.raises(ValueError, match=rf"targets must be token ids in \[0, 97\) or -100 "
-                                             rf"\(ignore_index\), got {value}"):
+        named = rf"targets must be token ids in \[0, 97\) or -100 \(ignore_index\), got {value}"
+        # where data enters (a list from the host, the training loop's batch) the id is named
+        with pytest.raises(ValueError, match=named):
+            model(idx, bad.tolist())
+        with pytest.raises(ValueError, match=named):
+            calc_loss_batch(idx, bad, model, "cpu")
+        # a tensor reaching the loss: asserted on the device, without a read back
+        with pytest.raises(RuntimeError, match=r"targets must be token ids in \[0, 97\) or -100"):
             model(idx, bad)
     with pytest.raises(TypeError, match="targets must be a tensor or a list of ints, got str"):
         model(idx, "targets")
