@@ -88,11 +88,11 @@ def test_batched_prompts_with_padding_equal_each_alone():
 
 def test_eos_rows_are_padded_with_eos():
     cfg = tiny_config(context_length=64)
-    model, _ = model_and_params(cfg, seed=4)
-    idx = random_idx(cfg, 3, 5, seed=9)
-    free = generate(model, idx, 30)
+    model, _ = model_and_params(cfg, seed=5)
+    idx = random_idx(cfg, 3, 5, seed=0)
+    free = generate(model, idx, 20)
     eos = int(free[0, 5 + 4])  # the token row 0 produces at its fifth step
-    out = generate(model, idx, 30, eos_id=eos)
+    out = generate(model, idx, 20, eos_id=eos)
     assert out.shape == free.shape
     for row in range(3):
         new = out[row, 5:].tolist()
@@ -102,7 +102,11 @@ def test_eos_rows_are_padded_with_eos():
             assert new[: k + 1] == ref[: k + 1] and all(t == eos for t in new[k:])
         else:
             assert new == ref
-    assert eos in free[0, 5:].tolist()
+    # the cases this test is for: a row that ends early (padded after), and one that never
+    # produces eos (left as it was)
+    ends = [free[row, 5:].tolist().index(eos) if eos in free[row, 5:].tolist() else None
+            for row in range(3)]
+    assert ends[0] is not None and ends[0] <= 4 and None in ends
 
 
 def test_seeded_sampling_reproducible_and_top_k_1_is_greedy():
@@ -114,6 +118,20 @@ def test_seeded_sampling_reproducible_and_top_k_1_is_greedy():
     assert torch.equal(run(1), run(1)) and not torch.equal(run(1), run(2))
     assert torch.equal(run(3, top_k=1), generate(model, idx, 25))
     assert torch.equal(run(3, top_p=0.7), run(3, top_p=0.7))
+    # top-p: each sampled token is in its step's nucleus (the tokens more probable than it
+    # hold less than p of the mass), which sampling without it leaves
+    assert _outside_nucleus(model, run(3, top_p=0.7), 4, 0.7) == 0
+    assert _outside_nucleus(model, run(3), 4, 0.7) > 0
+
+
+def _outside_nucleus(model, out: torch.Tensor, prompt: int, p: float) -> int:
+    """How many of ``out``'s new tokens lie outside the top-p nucleus of their step."""
+    with torch.no_grad():
+        probs = torch.softmax(model(out[:, :-1]).double(), dim=-1)[:, prompt - 1:]  # (B, N, V)
+    new = out[:, prompt:]  # (B, N)
+    chosen = probs.gather(-1, new[..., None])  # (B, N, 1)
+    better = torch.where(probs > chosen, probs, 0.0).sum(-1)  # (B, N)
+    return int((better >= p - 1e-9).sum())
 
 
 def test_compiled_decode_equals_eager_and_never_recompiles():
