@@ -18,6 +18,7 @@ _EXPORTS = {
     "CausalAttention": "gptfn.modules",
     "FeedForward": "gptfn.modules",
     "GPTModel": "gptfn.modules",
+    "GPTModelV1": "gptfn.modules",  # the original design's names, as aliases
     "LayerNorm": "gptfn.modules",
     "MultiHeadAttention": "gptfn.modules",
     "SelfAttention": "gptfn.modules",
@@ -29,6 +30,7 @@ _EXPORTS = {
     "load_params": "gptfn.weights",
     "save_params": "gptfn.weights",
     "BPETokenizer": "gptfn.tokenizer",
+    "BPE_Tokenizer": "gptfn.tokenizer",
     "TextDataset": "gptfn.data",
     "TextDataLoader": "gptfn.data",
     "TokenFileDataset": "gptfn.data",

@@ -142,6 +142,9 @@ class TextDataLoader:
             generator=generator,
         )
 
+    # the original design's spelling, for its users' code (``.get_dataLoader()``)
+    get_dataLoader = get_dataloader
+
     def __iter__(self):
         return iter(self.get_dataloader())
 

@@ -341,6 +341,9 @@ class GPTModel(nn.Module):
         return save_params(self.state_dict(), path, self.config)
 
 
+# The original design's name, for its users' code (``GPTModelV1(gpt_config)``).
+GPTModelV1 = GPTModel
+
 _MODEL_NAMES = frozenset(PRESETS) | frozenset(PRESET_ALIASES)
 
 

@@ -273,3 +273,7 @@ def decode_stream(tokenizer: BPETokenizer, ids: Iterable[int]) -> Iterator[str]:
     tail = dec.flush()
     if tail:
         yield tail
+
+
+# The original design's name, for its users' code (``BPE_Tokenizer("p50k_base")``).
+BPE_Tokenizer = BPETokenizer

@@ -80,3 +80,33 @@ def test_attention_modules_reject_too_long_input():
         CausalAttention(8, 4, context_length=4, dropout=0.0)(x_of(1, 5, 8))
     with pytest.raises(ValueError, match="num_heads"):
         MultiHeadAttention(8, 9, 4, 0.0, num_heads=2)
+
+
+# the snippet's num_workers=4, on a 2-core machine: torch's advice, not a failure
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 4 worker processes")
+def test_the_original_designs_usage_runs_as_written():
+    """The original design's README, with only its import line changed: its class names
+    (``GPTModelV1``, ``BPE_Tokenizer``, ``get_dataLoader``) are aliases of gptfn's, and its
+    config dict's spellings are read as they are."""
+    import inspect
+
+    import gptfn.data
+    from gptfn import BPE_Tokenizer, GPTModelV1, TextDataLoader
+
+    text_data = inspect.getsource(gptfn.data) * 6  # about 18,000 p50k tokens
+    gpt_config = {"vocab_size": 50281, "context_length": 1024, "emb_dim": 64, "n_heads": 4,
+                  "n_layers": 2, "drop_rate": 0.1, "qkv_bias": False}
+
+    model = GPTModelV1(gpt_config)
+    tokenizer = BPE_Tokenizer("p50k_base")
+    train_loader = TextDataLoader(text_data=text_data, tokenizer=tokenizer, context_size=1024,
+                                  stride=512, batch_size=32, shuffle=True, drop_last=True,
+                                  num_workers=4).get_dataLoader()
+
+    x, y = next(iter(train_loader))
+    assert x.shape == y.shape == (32, 1024) and torch.equal(x[:, 1:], y[:, :-1])
+    assert tokenizer.n_vocab == 50281 and tokenizer.decode(tokenizer.encode("  a")) == "  a"
+    assert model.config.embed_dim == 64 and model.config.dropout_rate == 0.1
+    assert not model.config.qkv_bias
+    loss = model(x[:2, :64], y[:2, :64])
+    assert loss.shape == () and torch.isfinite(loss)
