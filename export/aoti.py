@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import json
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Tuple
 
@@ -116,6 +117,19 @@ def package(config: GPTConfig, params: Dict[str, Tensor], max_seq_len: int, path
             say: Callable[[str], None] = lambda message: None) -> None:
     """Write the package to ``path``: both programs exported, routed onto the kernels (CPU),
     compiled by AOTInductor and archived with one copy of the weights."""
+    try:
+        _package(config, params, max_seq_len, path, say)
+    finally:
+        # torch.export keeps its last trace's nodes in a module-level map (for its leak
+        # checks), and through them the traced module with its weights: the build's copies
+        # of any views among the weights would outlive it
+        from torch.fx.experimental import proxy_tensor
+
+        proxy_tensor._FAKE_TENSOR_ID_TO_PROXY_MAP_FOR_EXPORT.clear()
+
+
+def _package(config: GPTConfig, params: Dict[str, Tensor], max_seq_len: int, path: Path,
+             say: Callable[[str], None]) -> None:
     from torch._inductor.package import package_aoti
 
     device = params["wpe.weight"].device
@@ -285,16 +299,22 @@ def _load_weights_in_huge_pages(path: str, runners) -> Dict[str, Tensor]:
     from torch.export.pt2_archive._package import PT2ArchiveReader
     from torch.export.pt2_archive.constants import AOTINDUCTOR_DIR, WEIGHTS_DIR
 
-    from gptfn.hugepages import place
+    from gptfn.hugepages import place_each
 
     with PT2ArchiveReader(path) as reader:
         names = reader.get_file_names()
         maps = {name[len(AOTINDUCTOR_DIR):].split("/")[0]: json.loads(reader.read_string(name))
                 for name in names
                 if name.startswith(AOTINDUCTOR_DIR) and name.endswith("weights_config.json")}
-        files = {name[len(WEIGHTS_DIR):]: _whole_storage(torch.load(io.BytesIO(
-            reader.read_bytes(name)))) for name in names if name.startswith(WEIGHTS_DIR)}
-    files = place(files)
+        weights = [name for name in names if name.startswith(WEIGHTS_DIR)]
+        # each file read and copied into the pages before the next is read (all read first,
+        # the weights would be held twice); its size in the archive bounds its storage's
+        with zipfile.ZipFile(path) as archive:
+            stored = {info.filename.split("/", 1)[-1]: info.file_size
+                      for info in archive.infolist()}
+        files = place_each({name[len(WEIGHTS_DIR):]: stored[name] for name in weights},
+                           ((name[len(WEIGHTS_DIR):], _whole_storage(torch.load(io.BytesIO(
+                               reader.read_bytes(name))))) for name in weights))
     for program, runner in runners.items():
         # the map's offsets count from the start of each file's storage, and each placed
         # file starts storage_offset() elements into the arena's

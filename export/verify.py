@@ -6,7 +6,10 @@ by step against ``gptfn.generate`` over at least 16 steps (TorchScript: its own
 package: its forward program fills the cache with the prompt, its decode program steps).
 The report holds size, load time, first-call latency and per-token latency against eager.
 
-- fp32: logits within 1e-5 (max abs difference) and greedy tokens identical.
+- fp32: logits within 1e-5 of their largest magnitude (max abs difference; 1e-5 where
+  they are all below 1) and greedy tokens identical. Relative, because a program that sums
+  in another order differs by rounding at the logits' own scale: 16 layers of 1600 channels
+  differ by more than 1e-5 in absolute terms.
 - bf16/fp16: two correct programs round differently (inductor fuses and keeps fp32
   intermediates where eager rounds each op), so neither bit equality nor free-running
   greedy equality is the right test. Both eager and the artifact are held to an fp32
@@ -35,7 +38,7 @@ from torch import Tensor
 
 from export.errors import VerificationError  # re-exported: export.verify's own name for it
 
-TOLERANCE = 1e-5  # fp32
+TOLERANCE = 1e-5  # fp32, of the logits' largest magnitude
 MIN_DECODE_STEPS = 16
 
 
@@ -84,7 +87,7 @@ def verify(kind: str, paths: List[Path], model, max_seq_len: int, seed: int = 0)
     }
     eager, reference = _held_to(model, config, params, max_seq_len)
     half = reference is not None
-    diffs, errors = {}, {}
+    diffs, errors, allowed = {}, {}, {}
     with torch.no_grad():
         for i, length in enumerate(_lengths(max_seq_len)):
             idx = torch.randint(0, config.vocab_size, (2, length), generator=gen).to(device)
@@ -93,6 +96,7 @@ def verify(kind: str, paths: List[Path], model, max_seq_len: int, seed: int = 0)
                 report["first_call_s"] = t
             want = eager(idx)
             diffs[length] = (got - want).abs().max().item()
+            allowed[length] = fp32_allowed(want)
             if half:
                 errors[length] = _check_half(kind, f"logits at length {length}", got, want,
                                              reference(idx))
@@ -100,10 +104,11 @@ def verify(kind: str, paths: List[Path], model, max_seq_len: int, seed: int = 0)
         if half:
             report["error_vs_fp32"] = errors
         else:
-            bad = {k: v for k, v in diffs.items() if not v <= TOLERANCE}
+            bad = {k: v for k, v in diffs.items() if not v <= allowed[k]}
             if bad:
-                raise VerificationError(
-                    f"{kind} logits differ from eager by more than {TOLERANCE}: {bad}")
+                raise VerificationError(f"{kind} logits differ from eager by more than "
+                                        f"{TOLERANCE} of their largest magnitude (at least "
+                                        f"{TOLERANCE}): {bad}")
 
         p, n = _decode_plan(max_seq_len)
         prompt = torch.randint(0, config.vocab_size, (1, p), generator=gen).to(device)
@@ -158,6 +163,12 @@ def _fp32_reference(config, params: Dict[str, Tensor]):
 
     ref = {k: v.float() for k, v in params.items()}
     return lambda idx: gpt_forward(ref, idx, config)
+
+
+def fp32_allowed(want: Tensor) -> float:
+    """How far fp32 logits may stray from eager's ``want``: ``TOLERANCE`` of their largest
+    magnitude, and never less than ``TOLERANCE``."""
+    return TOLERANCE * max(1.0, want.abs().max().item())
 
 
 def _half_allowed(eager_error: float, reference: Tensor, dtype: torch.dtype) -> float:

@@ -14,7 +14,7 @@ is, never a branch in the core. Where the advice does not exist (not Linux) or i
 from __future__ import annotations
 
 import mmap
-from typing import Dict, Mapping, Union
+from typing import Dict, Iterable, Mapping, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -44,20 +44,31 @@ def place(tensors: Mapping[str, Tensor]) -> Dict[str, Tensor]:
     """Contiguous copies of the CPU tensors of ``tensors``, all in one ``arena``, each
     starting on a 4 KB boundary; tensors on other devices as they are. The inputs are not
     modified."""
-    sizes = {k: -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
-             for k, t in tensors.items() if t.device.type == "cpu"}
-    buffer = arena(max(sum(sizes.values()), 1))
+    cpu = {k: t for k, t in tensors.items() if t.device.type == "cpu"}
+    placed = place_each({k: t.numel() * t.element_size() for k, t in cpu.items()},
+                        cpu.items())
+    return {k: placed.get(k, t) for k, t in tensors.items()}
+
+
+def place_each(nbytes: Mapping[str, int],
+               tensors: Iterable[Tuple[str, Tensor]]) -> Dict[str, Tensor]:
+    """``place`` for CPU tensors that arrive one at a time (read from a file, say):
+    ``nbytes`` gives each one's size, or a bound on it, in advance, so the arena is made
+    first and each tensor can be dropped once copied; holding them all until then would
+    hold the weights twice."""
+    sizes = {k: -(-n // _ALIGN) * _ALIGN for k, n in nbytes.items()}
+    starts, offset = {}, 0
+    for key, size in sizes.items():
+        starts[key], offset = offset, offset + size
+    buffer = arena(max(offset, 1))
     out: Dict[str, Tensor] = {}
-    offset = 0
-    for key, t in tensors.items():
-        if key not in sizes:
-            out[key] = t
-            continue
-        nbytes = t.numel() * t.element_size()
-        copy = buffer[offset:offset + nbytes].view(t.dtype).view(t.shape)  # (*t.shape)
+    for key, t in tensors:
+        n = t.numel() * t.element_size()
+        if n > sizes[key]:
+            raise ValueError(f"{key}: {n} bytes, more than the {nbytes[key]} announced")
+        copy = buffer[starts[key]:starts[key] + n].view(t.dtype).view(t.shape)  # (*t.shape)
         copy.copy_(t.detach())
         out[key] = copy
-        offset += sizes[key]
     return out
 
 

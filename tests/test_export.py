@@ -138,6 +138,53 @@ def test_building_a_package_holds_less_than_one_more_copy_of_the_weights(tmp_pat
     assert m["after"] - m["before"] < 1.5 * m["weights"], m  # 4.8x with those copies
 
 
+def test_fp32_logits_are_held_to_their_own_scale():
+    """Summed in another order, logits of magnitude 100 differ by rounding at that scale
+    (a 16-layer, 1600-channel package differed from eager by 1.1e-5 and was refused): the
+    bound is 1e-5 of the largest magnitude, 1e-5 below 1, and a real error stays far
+    outside it."""
+    from export.verify import fp32_allowed
+
+    assert fp32_allowed(torch.tensor([[0.5, -0.25]])) == 1e-5
+    assert fp32_allowed(torch.tensor([[120.0, -250.0]])) == pytest.approx(2.5e-3)
+    logits = torch.randn(2, 7, 50, generator=torch.Generator().manual_seed(0)) * 100
+    rounded = logits + 1e-5 * logits.abs().max() * torch.rand(logits.shape).sub(0.5)
+    assert (rounded - logits).abs().max() <= fp32_allowed(logits)
+    wrong = logits.clone()
+    wrong[0, 0, 0] += 1.0  # one logit off by one: a wrong program, not rounding
+    assert (wrong - logits).abs().max() > fp32_allowed(logits)
+
+
+def test_a_package_build_keeps_no_copy_of_the_weights_after_it(tmp_path):
+    """Weights that are views of one storage (``gptfn.hugepages`` places them so) are copied
+    for the package, a storage each; torch.export keeps its last trace, and through it
+    those copies, in a module-level map, which the build clears. After the build no copy is
+    alive: a process that builds a package and then decodes (the decode benchmark) holds the
+    weights once, not twice."""
+    import gc
+
+    from export.aoti import package
+    from gptfn import init_params
+    from gptfn.hugepages import place
+
+    cfg = tiny_config(vocab_size=211, embed_dim=48, num_heads=4)  # shapes no other test has
+    params = place(init_params(cfg, 11))
+    wte = params["wte.weight"]
+    assert wte.untyped_storage().nbytes() > wte.numel() * wte.element_size()  # a view
+
+    def copies():
+        gc.collect()
+        return [o for o in gc.get_objects()
+                if type(o) in (torch.Tensor, torch.nn.Parameter) and o.shape == wte.shape
+                and o.dtype == wte.dtype and o.untyped_storage().data_ptr()
+                != wte.untyped_storage().data_ptr() and torch.equal(o, wte)]
+
+    assert not copies()
+    with torch.no_grad():
+        package(cfg, params, 16, tmp_path / "package.pt2")
+    assert not copies()
+
+
 def test_an_archive_written_to_a_full_disk_is_an_error_naming_the_file():
     """torch's archive writer is given a file that never raises into it (an exception
     inside its write callback aborts the process): the full disk is an OSError after it."""
