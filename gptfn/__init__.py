@@ -18,7 +18,7 @@ _EXPORTS = {
     "CausalAttention": "gptfn.modules",
     "FeedForward": "gptfn.modules",
     "GPTModel": "gptfn.modules",
-    "GPTModelV1": "gptfn.modules",  # the original design's names, as aliases
+    "GPTModelV1": "gptfn.modules",  # GPTModelV1, BPE_Tokenizer: aliases
     "LayerNorm": "gptfn.modules",
     "MultiHeadAttention": "gptfn.modules",
     "SelfAttention": "gptfn.modules",

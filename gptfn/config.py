@@ -3,7 +3,7 @@
 The config is a frozen dataclass of plain ints, floats and bools. It reads three
 spellings of the same facts:
 
-- the original design's dict (``embed_dim``, ``num_layers``, ``drop_rate`` ...),
+- the GPTModelV1 API's dict (``embed_dim``, ``num_layers``, ``drop_rate`` ...),
 - HF transformers' ``config.json`` (``n_embd``, ``n_layer``, ``n_positions`` ...),
 - OpenAI's ``hparams.json`` (``n_vocab``, ``n_ctx``, ``n_embd``, ``n_head``, ``n_layer``).
 """
@@ -75,7 +75,7 @@ class GPTConfig:
     # ------------------------------------------------------------ dict formats
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "GPTConfig":
-        """Build from the original design's dict, an HF config.json or an OpenAI hparams.json.
+        """Build from the GPTModelV1 API's dict, an HF config.json or an OpenAI hparams.json.
 
         Every key must be known: a misspelt key raises ValueError naming it, rather than
         silently keeping a default. HF keys that do not change the math (architectures,
@@ -116,7 +116,7 @@ class GPTConfig:
             raise ValueError(f"{path}: {e}") from None
 
     def to_dict(self) -> Dict[str, Any]:
-        """The original design's field names."""
+        """The GPTModelV1 API's field names."""
         return dataclasses.asdict(self)
 
     def to_hf_dict(self) -> Dict[str, Any]:
@@ -164,7 +164,7 @@ def _check_no_scaling_changes(key: str, expected: Any):
     return check
 
 
-# Every spelling of each field: the original design's, HF's and OpenAI's.
+# Every spelling of each field: the GPTModelV1 API's, HF's and OpenAI's.
 _ALIASES: Dict[str, str] = {
     "vocab_size": "vocab_size",
     "n_vocab": "vocab_size",

@@ -7,11 +7,11 @@ so ``L`` tokens give
 
     num_windows = (L - context_size - 1) // stride + 1        (L >= context_size + 1)
 
-(the original design's ``range(0, L - context_size, stride)``); tokens after the last
+(the GPTModelV1 API's ``range(0, L - context_size, stride)``); tokens after the last
 window are not used.
 
 - ``TextDataset``: a text (tokenized once) or ids held as one tensor; windows are views.
-- ``TextDataLoader``: the original design's loader signature, seedable shuffling.
+- ``TextDataLoader``: the GPTModelV1 API's loader signature, seedable shuffling.
 - ``TokenFileDataset``: a ``gptfn prepare`` corpus or a raw uint16 token file, read through
   ``numpy.memmap``; strided windows, or ``num_samples`` windows at random offsets drawn
   once from a seeded generator.
@@ -94,7 +94,7 @@ class TextDataset(Dataset):
 
 
 class TextDataLoader:
-    """The original design's loader: text in, batches of (input, target) out.
+    """The GPTModelV1 API's loader: text in, batches of (input, target) out.
 
     ``TextDataLoader(text, tokenizer, context_size=256, stride=128, batch_size=4,
     shuffle=True, drop_last=True, num_workers=0).get_dataloader()``; ``seed`` makes the
@@ -142,7 +142,7 @@ class TextDataLoader:
             generator=generator,
         )
 
-    # the original design's spelling, for its users' code (``.get_dataLoader()``)
+    # the GPTModelV1 API's spelling, for its users' code (``.get_dataLoader()``)
     get_dataLoader = get_dataloader
 
     def __iter__(self):

@@ -6,7 +6,7 @@ canonical keys, ``load_state_dict(params)`` and ``torch.func.functional_call(mod
 tensors and plain numbers. Weights are ``[in, out]``; the output head is ``wte``.
 
 The standalone layers (``SelfAttention``, ``CausalAttention``, ``MultiHeadAttention`` ...)
-keep the original design's constructor signatures.
+keep the GPTModelV1 API's constructor signatures.
 """
 
 from __future__ import annotations
@@ -341,7 +341,7 @@ class GPTModel(nn.Module):
         return save_params(self.state_dict(), path, self.config)
 
 
-# The original design's name, for its users' code (``GPTModelV1(gpt_config)``).
+# The GPTModelV1 API's name, for its users' code (``GPTModelV1(gpt_config)``).
 GPTModelV1 = GPTModel
 
 _MODEL_NAMES = frozenset(PRESETS) | frozenset(PRESET_ALIASES)

@@ -99,7 +99,7 @@ class BPETokenizer:
     """GPT-2's tokenizer: ``BPETokenizer("gpt2")``, ``"r50k_base"``, ``"p50k_base"``, or a
     ``tiktoken.Encoding``.
 
-    ``encode`` allows ``<|endoftext|>`` by default (the original design did); any other
+    ``encode`` allows ``<|endoftext|>`` by default (the GPTModelV1 API's tokenizer did); any other
     special token found in the text raises ValueError unless allowed.
     """
 
@@ -275,5 +275,5 @@ def decode_stream(tokenizer: BPETokenizer, ids: Iterable[int]) -> Iterator[str]:
         yield tail
 
 
-# The original design's name, for its users' code (``BPE_Tokenizer("p50k_base")``).
+# The GPTModelV1 API's name, for its users' code (``BPE_Tokenizer("p50k_base")``).
 BPE_Tokenizer = BPETokenizer

@@ -99,7 +99,7 @@ class TrainSettings:
 
 def calc_loss_batch(input_batch: Tensor, target_batch: Tensor, model: nn.Module,
                     device) -> Tensor:
-    """Mean cross-entropy of next-token prediction over a batch (the original design's).
+    """Mean cross-entropy of next-token prediction over a batch (the GPTModelV1 API's).
 
     Shapes: input_batch, target_batch (B, T) -> scalar.
     """

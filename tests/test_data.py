@@ -21,7 +21,7 @@ def test_windows_formula_shift_bounds_stride(n, context, stride):
             TextDataset(ids, context_size=context, stride=stride)
         return
     ds = TextDataset(ids, context_size=context, stride=stride)
-    # the original design's loop, counted independently
+    # the GPTModelV1 API's loop, counted independently
     assert len(ds) == len(range(0, n - context, stride)) == num_windows(n, context, stride)
     for i in range(len(ds)):
         x, y = ds[i]

@@ -75,7 +75,7 @@ def test_self_attention_by_hand(seed, t, bias):
             scores = torch.stack([q[bi, i] @ k[bi, j] for j in range(t)]) / math.sqrt(4)
             out[bi, i] = torch.softmax(scores, 0) @ v[bi]
     torch.testing.assert_close(F.self_attention(x, wq, wk, wv, bq, bk, bv), out, atol=1e-5, rtol=1e-5)
-    # the unbatched form (the original design's (T, d_in) input) agrees with row 0
+    # the unbatched form (the GPTModelV1 API's (T, d_in) input) agrees with row 0
     torch.testing.assert_close(F.self_attention(x[0], wq, wk, wv, bq, bk, bv), out[0],
                                atol=1e-5, rtol=1e-5)
 

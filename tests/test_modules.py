@@ -85,7 +85,7 @@ def test_attention_modules_reject_too_long_input():
 # the snippet's num_workers=4, on a 2-core machine: torch's advice, not a failure
 @pytest.mark.filterwarnings("ignore:This DataLoader will create 4 worker processes")
 def test_the_original_designs_usage_runs_as_written():
-    """The original design's README, with only its import line changed: its class names
+    """The GPTModelV1 API's README, with only its import line changed: its class names
     (``GPTModelV1``, ``BPE_Tokenizer``, ``get_dataLoader``) are aliases of gptfn's, and its
     config dict's spellings are read as they are."""
     import inspect

@@ -1,4 +1,4 @@
-"""The three attention variants of the original design, as pure functions.
+"""The three attention variants of the GPTModelV1 API, as pure functions.
 
 - ``self_attention``: one head, separate W_q, W_k, W_v, no mask (written out).
 - ``causal_attention``: the same with a causal mask and dropout on the weights (written out).
