@@ -52,7 +52,7 @@ from benchmarks.device import Clock, Target, per_round
 from benchmarks.harness import (Samples, environment, hf_peer, interleaved, quick_config,
                                 relative_error)
 from benchmarks.peers import (CACHE_BYTES, FORMATS, PEERS, PRECISIONS, WEIGHT_BYTES, PeerFiles,
-                              fp32_params, peer_engines)
+                              fp32_params, missing, peer_engines)
 
 
 class _Stamps:
@@ -188,6 +188,11 @@ def bench_decode(quick: bool, rounds: int, preset: str = "gpt2", prompt_len: int
             unbuilt[name] = why
             del sources[name]
             log(f"  {name} left out: {why}")
+    if sources and peer_files is not None:
+        # the peers' files before the packages: writing one holds a copy of the weights,
+        # which beside a loaded package did not fit (GPT-2 XL in fp32, 24 GB)
+        for name in [n for n in peers if n not in missing([n])]:
+            peer_files.path(name, cfg, params32)
     for name, source in sources.items():  # before the peers start: a build's peak memory
         t0 = time.perf_counter()
         log(f"  {name}: building the AOTInductor package")

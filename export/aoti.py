@@ -31,6 +31,7 @@ from torch import Tensor
 
 from export.artifact import CachedForward, DecodeStep
 from export.build import _TREESPEC_DEPRECATED, write_streamed
+from gptfn.checks import is_int
 from gptfn.config import GPTConfig
 
 PROGRAMS = ("forward", "decode")
@@ -256,8 +257,7 @@ class AOTIPackage:
         """``generate``'s new tokens as they come: (1, 1) tensors."""
         self._check_tokens(prompt, "prompt", max_batch=1, max_len=self.max_seq_len)
         t = prompt.size(1)
-        if (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
-                or not 0 <= max_new_tokens <= self.max_seq_len - t):
+        if not is_int(max_new_tokens) or not 0 <= max_new_tokens <= self.max_seq_len - t:
             raise ValueError(f"max_new_tokens must be an int in [0, {self.max_seq_len - t}] "
                              f"(max_seq_len {self.max_seq_len} less the prompt's {t}), got "
                              f"{max_new_tokens!r}")

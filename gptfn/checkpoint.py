@@ -35,6 +35,7 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from gptfn.checks import is_int, is_number
 from gptfn.config import GPTConfig
 from gptfn.fileio import atomic_write_text, fsync_dir
 from gptfn.params import param_shapes
@@ -158,7 +159,7 @@ def _named(run_dir: Path) -> Optional[Path]:
         raise ValueError(
             f"{pointer} names {latest!r} as the latest checkpoint, but a checkpoint must be a "
             f"directory ckpt-NNNNNNNN inside {run_dir}: refusing to use it")
-    if isinstance(step, bool) or not isinstance(step, int) or int(match.group(1)) != step:
+    if not is_int(step) or int(match.group(1)) != step:
         raise ValueError(f"{pointer} is corrupt: step {step!r} does not match {latest}")
     path = run_dir / latest
     if path.is_symlink() or not path.is_dir():
@@ -212,11 +213,11 @@ def _check_group(g: Any, index: Dict[str, int], file: Path) -> None:
     if unknown:
         raise ValueError(f"{file}: a param group names unknown parameters {unknown[:3]!r}")
     for key in ("lr", "weight_decay", "eps"):
-        if key in g and (isinstance(g[key], bool) or not isinstance(g[key], (int, float))):
+        if key in g and not is_number(g[key]):
             raise ValueError(f"{file}: param group {key} is {g[key]!r}, not a number")
     betas = g.get("betas", (0.9, 0.999))
     if not isinstance(betas, (list, tuple)) or len(betas) != 2 or not all(
-            isinstance(b, (int, float)) and not isinstance(b, bool) for b in betas):
+            is_number(b) for b in betas):
         raise ValueError(f"{file}: param group betas is {betas!r}, not two numbers")
 
 
@@ -234,7 +235,7 @@ def _read_state(file: Path, path: Path):
         raise ValueError(f"{file} is corrupt: state, param_groups or optimizer_scalars has the wrong type")
     for key in ("step", "tokens"):
         value = state.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        if not is_int(value) or value < 0:
             raise ValueError(f"{file} is corrupt: {key} is {value!r}, not a count")
     if f"ckpt-{state['step']:08d}" != path.name:
         raise ValueError(f"{file} is corrupt: step {state['step']} in {path.name}")
@@ -278,7 +279,7 @@ def _read_optimizer(file: Path, params: Optional[Dict[str, Tensor]], index: Dict
         opt_state.setdefault(index[name], {})[sub] = value
     for name, entry in scalars.items():
         if name not in index or not isinstance(entry, dict) or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in entry.values()):
+                is_number(v) for v in entry.values()):
             raise ValueError(f"{file.with_name('state.json')}: bad optimizer scalars for {name!r}")
         opt_state.setdefault(index[name], {}).update(entry)
     return opt_state

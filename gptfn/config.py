@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Mapping, Union
 
+from gptfn.checks import is_int, is_number
+
 
 @dataclass(frozen=True)
 class GPTConfig:
@@ -34,7 +36,7 @@ class GPTConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "context_length", "embed_dim", "num_layers", "num_heads"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
+            if not is_int(value):
                 raise ValueError(f"GPTConfig.{name} must be an int, got {value!r}")
             if value <= 0:
                 raise ValueError(f"GPTConfig.{name} must be positive, got {value}")
@@ -43,14 +45,14 @@ class GPTConfig:
                 f"GPTConfig.embed_dim ({self.embed_dim}) must be divisible by "
                 f"num_heads ({self.num_heads})"
             )
-        if isinstance(self.dropout_rate, bool) or not isinstance(self.dropout_rate, (int, float)):
+        if not is_number(self.dropout_rate):
             raise ValueError(f"GPTConfig.dropout_rate must be a float, got {self.dropout_rate!r}")
         if not 0.0 <= float(self.dropout_rate) < 1.0:
             raise ValueError(f"GPTConfig.dropout_rate must be in [0, 1), got {self.dropout_rate}")
         if not isinstance(self.qkv_bias, bool):
             raise ValueError(f"GPTConfig.qkv_bias must be a bool, got {self.qkv_bias!r}")
         eps = self.layer_norm_eps
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (
+        if not is_number(eps) or not (
             math.isfinite(eps) and eps > 0
         ):
             raise ValueError(f"GPTConfig.layer_norm_eps must be a positive float, got {eps!r}")

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from gptfn.checks import is_int
 from gptfn.prepare import META_NAME, TOKEN_DTYPE, TOKENS_NAME, read_meta
 from gptfn.tokenizer import BPETokenizer
 
@@ -42,9 +43,9 @@ def num_windows(num_tokens: int, context_size: int, stride: int) -> int:
 
 
 def _check_window_args(context_size: int, stride: int) -> None:
-    if isinstance(context_size, bool) or not isinstance(context_size, int) or context_size <= 0:
+    if not is_int(context_size) or context_size <= 0:
         raise ValueError(f"context_size must be a positive int, got {context_size!r}")
-    if isinstance(stride, bool) or not isinstance(stride, int) or stride <= 0:
+    if not is_int(stride) or stride <= 0:
         raise ValueError(f"stride must be a positive int, got {stride!r}")
 
 
@@ -113,7 +114,7 @@ class TextDataLoader:
         num_workers: int = 0,
         seed: Optional[int] = None,
     ):
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        if not is_int(batch_size) or batch_size <= 0:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
@@ -216,7 +217,7 @@ class TokenFileDataset(Dataset):
             self.starts = None
             self._len = last_start // stride + 1
         else:
-            if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
+            if not is_int(num_samples) or num_samples <= 0:
                 raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
             rng = np.random.default_rng(seed)
             self.starts = rng.integers(0, last_start + 1, size=num_samples, dtype=np.int64)

@@ -24,6 +24,7 @@ from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, 
 import torch
 from torch import Tensor, nn
 
+from gptfn.checks import is_int, is_number
 from gptfn.config import GPTConfig
 from gptfn.formats import scheme_of
 from gptfn.functional.sampling import sample_next
@@ -47,14 +48,14 @@ def model_parts(model: ModelLike) -> Tuple[GPTConfig, Dict[str, Tensor]]:
 
 def check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
     """Raise ValueError naming the sampling argument that is out of range."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+    if not is_number(temperature) or not (
         0.0 <= temperature < float("inf")
     ):
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0):
+    if top_k is not None and (not is_int(top_k) or top_k <= 0):
         raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
     if top_p is not None and (
-        isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0
+        not is_number(top_p) or not 0.0 < top_p <= 1.0
     ):
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
 
@@ -173,7 +174,7 @@ def generate_tokens(
     idx = as_token_rows(idx, "idx")
     if attention_mask is not None:
         attention_mask = as_token_rows(attention_mask, "attention_mask")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    if not is_int(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if idx.dim() == 2 and idx.size(1) == 0:
         raise ValueError("the prompt is empty: give at least one token")

@@ -16,6 +16,8 @@ from typing import Any, List, Optional, Union
 import torch
 from torch import Tensor
 
+from gptfn.checks import is_number
+
 
 def _kind(value: Any) -> str:
     return type(value).__name__
@@ -68,7 +70,7 @@ def _from_lists(value: Union[list, tuple], name: str) -> Tensor:
                 "gptfn.left_pad and pass its attention_mask to generate"
             )
     for item in _flatten(value):
-        if isinstance(item, bool) or not isinstance(item, (int, float)):
+        if not is_number(item):
             raise TypeError(
                 f"{name} must hold ints, got an item of type {_kind(item)}: "
                 f"{item!r:.40}"

@@ -18,6 +18,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from gptfn.checks import is_int
 from gptfn.config import GPTConfig
 from gptfn.functional.model import gpt_cached_logits
 from gptfn.inputs import check_tokens, require_tensor
@@ -39,9 +40,9 @@ class KVCache:
         device: Optional[Union[torch.device, str]] = None,
     ) -> "KVCache":
         """A zeroed cache for ``batch_size`` rows of up to ``max_len`` tokens."""
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        if not is_int(batch_size) or batch_size <= 0:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len <= 0:
+        if not is_int(max_len) or max_len <= 0:
             raise ValueError(f"max_len must be a positive int, got {max_len!r}")
         if max_len > config.context_length:
             raise ValueError(

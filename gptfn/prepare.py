@@ -34,6 +34,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Un
 
 import numpy as np
 
+from gptfn.checks import is_int
 from gptfn.fileio import atomic_write_text, fsync_dir, remove_stale_temps, sha256_file, temp_path
 from gptfn.progress import byte_bar
 from gptfn.tokenizer import BPETokenizer
@@ -269,11 +270,11 @@ def _load_meta(meta_path: Path, out: Path) -> dict:
         raise ValueError(f"{meta_path} is not a gptfn token-file description")
     count = meta.get("token_count")
     splits = meta.get("splits")
-    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+    if not is_int(count) or count < 0:
         raise ValueError(f"{meta_path}: token_count is {count!r}, not a count")
     if not isinstance(splits, dict) or not all(
-        isinstance(v, list) and len(v) == 2 and all(isinstance(i, int) and not isinstance(i, bool)
-                                                    for i in v) and 0 <= v[0] <= v[1] <= count
+        isinstance(v, list) and len(v) == 2 and all(is_int(i) for i in v)
+        and 0 <= v[0] <= v[1] <= count
         for v in splits.values()
     ):
         raise ValueError(f"{meta_path}: splits {splits!r} are not token ranges within {count} tokens")

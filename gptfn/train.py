@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from gptfn.checkpoint import (POINTER, has_checkpoint, load_checkpoint, remove_entry,
                               restore_rng, run_dir_entries, save_checkpoint)
+from gptfn.checks import is_int
 from gptfn.config import GPTConfig
 from gptfn.errors import TrainingDiverged, TrainingInterrupted
 from gptfn.fileio import atomic_write_text
@@ -85,7 +86,7 @@ class TrainSettings:
         for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_batches",
                      "checkpoint_interval"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            if not is_int(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")

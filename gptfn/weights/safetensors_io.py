@@ -25,6 +25,7 @@ from typing import Dict, Mapping, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from gptfn.checks import is_int
 from gptfn.fileio import atomic_path
 
 PathLike = Union[str, os.PathLike]
@@ -102,13 +103,13 @@ def _check_entry(path: Path, name: str, entry: object, data_size: int) -> None:
     if dtype not in DTYPES:
         raise SafetensorsError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
     if not isinstance(shape, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        is_int(d) and d >= 0 for d in shape
     ):
         raise SafetensorsError(f"{path}: tensor {name!r} has an invalid shape {shape!r}")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
-        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        or not all(is_int(o) for o in offsets)
         or not 0 <= offsets[0] <= offsets[1]
     ):
         raise SafetensorsError(f"{path}: tensor {name!r} has invalid data_offsets {offsets!r}")
