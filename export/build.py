@@ -105,9 +105,11 @@ def write_streamed(path: Path, save: Callable[[object], object]) -> None:
         try:
             with open(path, "wb") as fh:
                 sink = _Sink(fh)
-                save(sink)
-                if sink.error is not None:
-                    raise sink.error
+                try:
+                    save(sink)
+                finally:  # the failed write is the cause of whatever the writer then raised
+                    if sink.error is not None:
+                        raise sink.error
         except OSError as e:
             raise OSError(e.errno, e.strerror, str(path)) from None  # names the file
 

@@ -64,7 +64,7 @@ def place_each(nbytes: Mapping[str, int],
     out: Dict[str, Tensor] = {}
     for key, t in tensors:
         n = t.numel() * t.element_size()
-        if n > sizes[key]:
+        if n > nbytes[key]:
             raise ValueError(f"{key}: {n} bytes, more than the {nbytes[key]} announced")
         copy = buffer[starts[key]:starts[key] + n].view(t.dtype).view(t.shape)  # (*t.shape)
         copy.copy_(t.detach())
