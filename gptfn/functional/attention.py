@@ -139,17 +139,15 @@ def multi_head_attention(
     k = split_heads(k, num_heads)  # (B, T, d_out) -> (B, nh, T, hs)
     v = split_heads(v, num_heads)  # (B, T, d_out) -> (B, nh, T, hs)
     p = dropout_p if training else 0.0
+    mask: Optional[Tensor] = None  # None: causal over k, v alone (no cache, or a prefill)
     if k_cache is not None and v_cache is not None and input_pos is not None:
         k_cache[:, :, input_pos] = k  # (B, nh, T, hs) -> slots of (B, nh, T_max, hs)
         v_cache[:, :, input_pos] = v
-        if attn_mask is not None:
-            y = F.scaled_dot_product_attention(
-                q, k_cache, v_cache, attn_mask=attn_mask, dropout_p=p
-            )  # (B, nh, T, T_max) @ (B, nh, T_max, hs) -> (B, nh, T, hs)
-        else:  # a prefill of unpadded rows: the cache holds nothing older than k, v
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # (B, nh, T, hs)
-    else:
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # (B, nh, T, hs)
+        if attn_mask is not None:  # over the whole cache, under the mask
+            k, v, mask = k_cache, v_cache, attn_mask  # (B, nh, T_max, hs), (B, 1, T, T_max)
+        # else a prefill of unpadded rows: the cache holds nothing older than k, v
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
+                                       is_causal=mask is None)  # (B, nh, T, hs)
     y = merge_heads(y)  # (B, nh, T, hs) -> (B, T, d_out)
     return linear(y, c_proj_weight, c_proj_bias, c_proj_scale)  # (B, T, d_out) -> (B, T, d_out)
 
