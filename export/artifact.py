@@ -34,7 +34,7 @@ class ScriptableGPT(nn.Module):
     def forward(self, idx: Tensor) -> Tensor:
         """Shapes: idx (B, T) -> logits (B, T, V)."""
         return gpt_logits(self.params, idx, self.num_layers, self.num_heads, self.eps,
-                          self.vocab_size, self.context_length, 0.0, False)
+                          self.vocab_size, self.context_length)
 
     @torch.jit.export
     def generate(self, idx: Tensor, max_new_tokens: int, temperature: float, top_k: int,
@@ -57,8 +57,8 @@ class ScriptableGPT(nn.Module):
         torch.manual_seed(seed)
         logits = gpt_cached_logits(self.params, idx, keys, values,
                                    torch.arange(t, device=idx.device), start,
-                                   self.num_layers, self.num_heads, self.eps, True,
-                                   True)[:, -1]  # a prefill of unpadded rows
+                                   self.num_layers, self.num_heads, self.eps, last_only=True,
+                                   unpadded_prefill=True)[:, -1]
         out = [idx]
         for step in range(max_new_tokens):
             token = sample_next(logits, temperature, top_k, 1.0, None)  # (B,)
@@ -66,8 +66,8 @@ class ScriptableGPT(nn.Module):
             if step + 1 < max_new_tokens:
                 pos = torch.full([1], t + step, dtype=torch.long, device=idx.device)
                 logits = gpt_cached_logits(self.params, token.view(-1, 1), keys, values, pos,
-                                           start, self.num_layers, self.num_heads, self.eps,
-                                           False)[:, -1]
+                                           start, self.num_layers, self.num_heads,
+                                           self.eps)[:, -1]
         return torch.cat(out, dim=1)
 
 
@@ -90,11 +90,12 @@ class _Weights(nn.Module):
         return {k: getattr(self, f"p{i}") for i, k in enumerate(self.keys_order)}
 
     def _logits(self, idx: Tensor, keys: List[Tensor], values: List[Tensor],
-                input_pos: Tensor, prefix: bool) -> Tensor:
+                input_pos: Tensor, unpadded_prefill: bool) -> Tensor:
         start = torch.zeros(idx.size(0), dtype=torch.long, device=idx.device)
         c = self.config
         return gpt_cached_logits(self.params(), idx, keys, values, input_pos, start,
-                                 c.num_layers, c.num_heads, c.layer_norm_eps, False, prefix)
+                                 c.num_layers, c.num_heads, c.layer_norm_eps,
+                                 unpadded_prefill=unpadded_prefill)
 
 
 class CachedForward(_Weights):
@@ -106,7 +107,7 @@ class CachedForward(_Weights):
 
     def forward(self, idx: Tensor, keys: List[Tensor], values: List[Tensor]) -> Tensor:
         input_pos = torch.arange(idx.size(1), device=idx.device)  # (T,)
-        return self._logits(idx, keys, values, input_pos, True)  # (B, T, V)
+        return self._logits(idx, keys, values, input_pos, unpadded_prefill=True)  # (B, T, V)
 
 
 class DecodeStep(_Weights):
@@ -117,4 +118,4 @@ class DecodeStep(_Weights):
 
     def forward(self, token: Tensor, keys: List[Tensor], values: List[Tensor],
                 input_pos: Tensor) -> Tensor:
-        return self._logits(token, keys, values, input_pos, False)[:, -1]  # (B, V)
+        return self._logits(token, keys, values, input_pos, unpadded_prefill=False)[:, -1]  # (B, V)

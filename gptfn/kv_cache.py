@@ -107,7 +107,8 @@ def prefill(
     input_pos = torch.arange(t, device=idx.device)  # (T,)
     logits = gpt_cached_logits(
         params, idx, cache.keys, cache.values, input_pos, start,
-        config.num_layers, config.num_heads, config.layer_norm_eps, True, unpadded,
+        config.num_layers, config.num_heads, config.layer_norm_eps,
+        last_only=True, unpadded_prefill=unpadded,
     )  # (B, 1, V)
     return logits[:, -1], KVCache(cache.keys, cache.values, start)
 
@@ -146,6 +147,6 @@ def decode_logits(
     """
     logits = gpt_cached_logits(
         params, token, keys, values, input_pos, start,
-        config.num_layers, config.num_heads, config.layer_norm_eps, False,
+        config.num_layers, config.num_heads, config.layer_norm_eps,
     )  # (B, 1, V)
     return logits[:, -1]  # (B, V)

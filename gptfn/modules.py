@@ -83,7 +83,7 @@ class FeedForward(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return F.feed_forward(
             x, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias,
-            self.c_fc.weight_scale, self.c_proj.weight_scale,
+            c_fc_scale=self.c_fc.weight_scale, c_proj_scale=self.c_proj.weight_scale,
         )
 
 
@@ -146,7 +146,7 @@ class MultiHeadAttention(nn.Module):
         _check_length(x, self.context_length)
         return F.multi_head_attention(
             x, self.c_attn.weight, self.c_attn.bias, self.c_proj.weight, self.c_proj.bias,
-            self.num_heads, self.dropout, self.training,
+            self.num_heads, dropout_p=self.dropout, training=self.training,
             c_attn_scale=self.c_attn.weight_scale, c_proj_scale=self.c_proj.weight_scale,
         )
 
@@ -171,13 +171,14 @@ class TransformerBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return F.transformer_block(
             x,
-            self.ln_1.weight, self.ln_1.bias,
-            self.attn.c_attn.weight, self.attn.c_attn.bias,
-            self.attn.c_proj.weight, self.attn.c_proj.bias,
-            self.ln_2.weight, self.ln_2.bias,
-            self.mlp.c_fc.weight, self.mlp.c_fc.bias,
-            self.mlp.c_proj.weight, self.mlp.c_proj.bias,
-            self.num_heads, self.eps, self.dropout, self.training,
+            ln_1_weight=self.ln_1.weight, ln_1_bias=self.ln_1.bias,
+            c_attn_weight=self.attn.c_attn.weight, c_attn_bias=self.attn.c_attn.bias,
+            attn_c_proj_weight=self.attn.c_proj.weight, attn_c_proj_bias=self.attn.c_proj.bias,
+            ln_2_weight=self.ln_2.weight, ln_2_bias=self.ln_2.bias,
+            c_fc_weight=self.mlp.c_fc.weight, c_fc_bias=self.mlp.c_fc.bias,
+            mlp_c_proj_weight=self.mlp.c_proj.weight, mlp_c_proj_bias=self.mlp.c_proj.bias,
+            num_heads=self.num_heads, eps=self.eps, dropout_p=self.dropout,
+            training=self.training,
             c_attn_scale=self.attn.c_attn.weight_scale,
             attn_c_proj_scale=self.attn.c_proj.weight_scale,
             c_fc_scale=self.mlp.c_fc.weight_scale,

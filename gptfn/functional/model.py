@@ -120,8 +120,9 @@ def transformer_block(
     c = x.size(-1)
     h = F.layer_norm(x, [c], ln_1_weight, ln_1_bias, eps)  # (B, T, C)
     h = multi_head_attention(
-        h, c_attn_weight, c_attn_bias, attn_c_proj_weight, attn_c_proj_bias,
-        num_heads, dropout_p, training, k_cache, v_cache, input_pos, attn_mask,
+        h, c_attn_weight, c_attn_bias, attn_c_proj_weight, attn_c_proj_bias, num_heads,
+        dropout_p=dropout_p, training=training, k_cache=k_cache, v_cache=v_cache,
+        input_pos=input_pos, attn_mask=attn_mask,
         c_attn_scale=c_attn_scale, c_proj_scale=attn_c_proj_scale,
     )  # (B, T, C)
     x = x + dropout(h, dropout_p, training)
@@ -190,26 +191,26 @@ def block_forward(
     p = f"h.{i}."
     return transformer_block(
         x,
-        params[p + "ln_1.weight"],
-        params[p + "ln_1.bias"],
-        params[p + "attn.c_attn.weight"],
-        params.get(p + "attn.c_attn.bias"),
-        params[p + "attn.c_proj.weight"],
-        params[p + "attn.c_proj.bias"],
-        params[p + "ln_2.weight"],
-        params[p + "ln_2.bias"],
-        params[p + "mlp.c_fc.weight"],
-        params[p + "mlp.c_fc.bias"],
-        params[p + "mlp.c_proj.weight"],
-        params[p + "mlp.c_proj.bias"],
-        num_heads,
-        eps,
-        dropout_p,
-        training,
-        k_cache,
-        v_cache,
-        input_pos,
-        attn_mask,
+        ln_1_weight=params[p + "ln_1.weight"],
+        ln_1_bias=params[p + "ln_1.bias"],
+        c_attn_weight=params[p + "attn.c_attn.weight"],
+        c_attn_bias=params.get(p + "attn.c_attn.bias"),
+        attn_c_proj_weight=params[p + "attn.c_proj.weight"],
+        attn_c_proj_bias=params[p + "attn.c_proj.bias"],
+        ln_2_weight=params[p + "ln_2.weight"],
+        ln_2_bias=params[p + "ln_2.bias"],
+        c_fc_weight=params[p + "mlp.c_fc.weight"],
+        c_fc_bias=params[p + "mlp.c_fc.bias"],
+        mlp_c_proj_weight=params[p + "mlp.c_proj.weight"],
+        mlp_c_proj_bias=params[p + "mlp.c_proj.bias"],
+        num_heads=num_heads,
+        eps=eps,
+        dropout_p=dropout_p,
+        training=training,
+        k_cache=k_cache,
+        v_cache=v_cache,
+        input_pos=input_pos,
+        attn_mask=attn_mask,
         c_attn_scale=params.get(p + "attn.c_attn.weight_scale"),
         attn_c_proj_scale=params.get(p + "attn.c_proj.weight_scale"),
         c_fc_scale=params.get(p + "mlp.c_fc.weight_scale"),
@@ -228,8 +229,8 @@ def head_of(params: Dict[str, Tensor], x: Tensor, eps: float) -> Tensor:
 def embed_of(params: Dict[str, Tensor], idx: Tensor, pos: Tensor,
              dropout_p: float = 0.0, training: bool = False) -> Tensor:
     """``embed`` with ``params``' token and position tables."""
-    return embed(idx, pos, params["wte.weight"], params["wpe.weight"], dropout_p, training,
-                 params.get("wte.weight_scale"))
+    return embed(idx, pos, params["wte.weight"], params["wpe.weight"], dropout_p=dropout_p,
+                 training=training, wte_scale=params.get("wte.weight_scale"))
 
 
 def gpt_logits(
@@ -249,9 +250,11 @@ def gpt_logits(
     """
     check_idx(idx, vocab_size, context_length)
     pos = torch.arange(idx.size(1), device=idx.device)  # (T,)
-    x = embed_of(params, idx, pos, dropout_p, training)  # (B, T, C)
+    x = embed_of(params, idx, pos, dropout_p=dropout_p, training=training)  # (B, T, C)
     for i in range(num_layers):
-        x = block_forward(params, i, x, num_heads, eps, dropout_p, training)  # (B, T, C)
+        x = block_forward(
+            params, i, x, num_heads, eps, dropout_p=dropout_p, training=training
+        )  # (B, T, C)
     return head_of(params, x, eps)
 
 
@@ -266,7 +269,7 @@ def gpt_cached_logits(
     num_heads: int,
     eps: float,
     last_only: bool = False,
-    prefix: bool = False,
+    unpadded_prefill: bool = False,
 ) -> Tensor:
     """The forward pass of new tokens against a KV cache (inference: no dropout).
 
@@ -275,21 +278,22 @@ def gpt_cached_logits(
     position s - start[b]. The keys and values of the new tokens are written into
     ``k_caches[i]`` / ``v_caches[i]`` in place. ``idx`` is not checked here (callers check
     once, outside the decode loop, to keep device syncs out of it). With ``last_only`` only
-    the last position's logits are computed (what prefill needs). ``prefix`` says that
-    ``idx`` fills slots 0..T-1 of rows without padding (``start`` all 0, unchecked): a
-    prefill, whose attention then needs no mask over the whole cache.
+    the last position's logits are computed (what prefill needs). ``unpadded_prefill`` says
+    that ``idx`` fills slots 0..T-1 of rows without padding (``start`` all 0, unchecked),
+    whose attention then needs no mask over the whole cache.
 
     Shapes: idx (B, T), caches (B, nh, T_max, hs), input_pos (T,), start (B,)
     -> logits (B, T, V), or (B, 1, V) with last_only.
     """
     pos = (input_pos.view(1, -1) - start.view(-1, 1)).clamp(min=0)  # (B, T)
     mask: Optional[Tensor] = None
-    if not prefix:
+    if not unpadded_prefill:
         mask = attention_mask(input_pos, start, k_caches[0].size(2))  # (B, 1, T, T_max)
     x = embed_of(params, idx, pos)  # (B, T, C)
     for i in range(num_layers):
         x = block_forward(
-            params, i, x, num_heads, eps, 0.0, False, k_caches[i], v_caches[i], input_pos, mask
+            params, i, x, num_heads, eps,
+            k_cache=k_caches[i], v_cache=v_caches[i], input_pos=input_pos, attn_mask=mask,
         )  # (B, T, C)
     if last_only:
         x = x[:, -1:]  # (B, T, C) -> (B, 1, C)
@@ -320,7 +324,8 @@ def gpt_forward(
     if cache is None:
         return gpt_logits(
             params, idx, config.num_layers, config.num_heads, config.layer_norm_eps,
-            config.vocab_size, config.context_length, config.dropout_rate, training,
+            config.vocab_size, config.context_length, dropout_p=config.dropout_rate,
+            training=training,
         )
     if input_pos is None:
         raise ValueError("input_pos (the cache slots of idx's tokens) is needed with a cache")
