@@ -19,6 +19,7 @@ from torch import Tensor
 from export.artifact import ScriptableGPT
 from export.commit import commit, remove_stale_temps, report_path, temp_path
 from gptfn.config import GPTConfig
+from gptfn.fileio import errors_naming
 from gptfn.scripting import script
 
 KINDS = ("torchscript", "pt2", "aoti")
@@ -58,11 +59,8 @@ def write_bytes(path: Path, data) -> None:
     """Write ``data`` (bytes, or a buffer: a TorchScript module serializes itself to one)
     to ``path`` with Python's file I/O, so that a failed write (a full disk) is an OSError
     naming the file."""
-    try:
-        with open(path, "wb") as fh:
-            fh.write(data)
-    except OSError as e:
-        raise OSError(e.errno, e.strerror, str(path)) from None  # the message names the file
+    with errors_naming(path), open(path, "wb") as fh:
+        fh.write(data)
 
 
 class _Sink(io.RawIOBase):
@@ -102,16 +100,13 @@ def write_streamed(path: Path, save: Callable[[object], object]) -> None:
     a failed write is an OSError naming the file (see ``_Sink``)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_TREESPEC_DEPRECATED, category=FutureWarning)
-        try:
-            with open(path, "wb") as fh:
-                sink = _Sink(fh)
-                try:
-                    save(sink)
-                finally:  # the failed write is the cause of whatever the writer then raised
-                    if sink.error is not None:
-                        raise sink.error
-        except OSError as e:
-            raise OSError(e.errno, e.strerror, str(path)) from None  # names the file
+        with errors_naming(path), open(path, "wb") as fh:
+            sink = _Sink(fh)
+            try:
+                save(sink)
+            finally:  # the failed write is the cause of whatever the writer then raised
+                if sink.error is not None:
+                    raise sink.error
 
 
 def load_torchscript(path: Path):

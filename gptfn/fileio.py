@@ -31,13 +31,20 @@ def umask_mode(base: int = 0o666) -> int:
     return base & ~mask
 
 
-def fsync_file(path: PathLike) -> None:
-    """Flush a written file to the disk; an error names the file."""
+@contextlib.contextmanager
+def errors_naming(path: PathLike) -> Iterator[None]:
+    """An OSError raised inside (a full disk, a missing directory) is raised again naming
+    ``path``: the one-line error then says which file failed."""
     try:
-        with open(path, "rb+") as fh:
-            os.fsync(fh.fileno())
+        yield
     except OSError as e:
         raise OSError(e.errno, e.strerror, str(path)) from None
+
+
+def fsync_file(path: PathLike) -> None:
+    """Flush a written file to the disk; an error names the file."""
+    with errors_naming(path), open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
 
 
 def fsync_dir(directory: PathLike) -> None:
