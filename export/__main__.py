@@ -56,7 +56,7 @@ def main(argv=None, prog: str = "python -m export") -> int:
 
         from export.build import artifact_paths, build, check_request
         from export.verify import format_report, verify
-        from gptfn.weights.resolve import load_model, parse_device, parse_dtype
+        from gptfn.cli_args import load_model, parse_device, parse_dtype
 
         out = Path(args.out).expanduser()
         if args.kind in ("gguf", "onnx"):
@@ -99,7 +99,7 @@ def _interop(args, out: Path) -> int:
     from export.gguf_file import DTYPES
     from export.interop import build_gguf, build_onnx, check_onnx_dir
     from export.verify_interop import format_interop_report
-    from gptfn.weights.resolve import load_model
+    from gptfn.cli_args import load_model
 
     if args.max_seq_len is not None:
         raise ValueError(f"--max-seq-len is for torch artifacts: a {args.kind} file serves "

@@ -11,7 +11,7 @@ import sys
 import warnings
 from typing import List, Optional
 
-from gptfn.config import PRESET_ALIASES, PRESETS
+from gptfn.config import MODEL_NAMES, PRESETS
 
 
 def _positive_int(text: str) -> int:
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    names = ", ".join(list(PRESETS) + list(PRESET_ALIASES))
+    names = ", ".join(MODEL_NAMES)
     demo = sub.add_parser(
         "demo",
         help="build a model and time eager, TorchScript and compiled forward passes",
@@ -68,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
         "generate",
         help="generate text from a prompt",
         description="Generate text with a KV cache: greedy by default, or sampled with "
-        "--temperature / --top-k / --top-p. --model is a preset name (pretrained weights "
-        "looked up in gptfn's cache directory) or a checkpoint path.",
+        "--temperature / --top-k / --top-p. --model is a checkpoint path or a model name "
+        "(its pretrained weights from gptfn's cache, downloaded there when missing unless "
+        "GPTFN_OFFLINE=1).",
     )
     gen.add_argument("--model", default="gpt2", help=f"preset ({names}) or checkpoint path")
     gen.add_argument("--prompt", default="Hello, I'm a language model,", help="the prompt text")
@@ -120,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     qz = sub.add_parser(
         "quantize",
         help="write a model in a weight format (bf16, fp16, int8, int4) that gptfn runs",
-        description="Read a model (a checkpoint path or a cached model name) and write it with "
+        description="Read a model (a checkpoint path or a model name) and write it with "
         "its matrices (wte and each block's four) in a weight format: bf16 or fp16, int8 "
         "with one scale per output channel, or int4 with one scale per 32 inputs (as llama.cpp's "
         "q4_0). Compute stays fp32. The result is model.safetensors "
@@ -180,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="loss and perplexity of a model on a text or corpus",
                         description="Mean next-token loss and perplexity over windows of DATA.")
     ev.add_argument("--model", required=True,
-                    help=f"checkpoint path, or a name ({names}) whose weights are in the cache")
+                    help=f"checkpoint path, or a model name ({names})")
     ev.add_argument("--data", required=True, help="text file or `gptfn prepare` directory")
     ev.add_argument("--context-length", type=_positive_int, default=None,
                     help="window length (default: the model's context_length)")
@@ -216,9 +217,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     import torch
 
+    from gptfn.cli_args import load_model, parse_device, parse_dtype
     from gptfn.generation import check_sampling, stream
     from gptfn.tokenizer import BPETokenizer
-    from gptfn.weights.resolve import load_model, parse_device, parse_dtype
 
     if args.temperature is None:
         args.temperature = 1.0 if (args.top_k is not None or args.top_p is not None) else 0.0
@@ -295,8 +296,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from gptfn.cli_args import load_model
     from gptfn.quantization import quantize
-    from gptfn.weights.resolve import load_model
 
     source = Path(args.model).expanduser()
     out = Path(args.out).expanduser()
@@ -318,11 +319,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     import torch
 
+    from gptfn.cli_args import load_model, parse_device
     from gptfn.data import check_vocabulary, load_training_data
     from gptfn.modules import GPTModel
     from gptfn.tokenizer import BPETokenizer
     from gptfn.train import TrainSettings, train
-    from gptfn.weights.resolve import load_model, parse_device
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = 0
@@ -394,9 +395,9 @@ def _config_arg(spec: str):
 def _cmd_eval(args: argparse.Namespace) -> int:
     import math
 
+    from gptfn.cli_args import load_model, parse_device
     from gptfn.data import check_vocabulary, load_windows
     from gptfn.train import evaluate, fixed_batches
-    from gptfn.weights.resolve import load_model, parse_device
 
     device = parse_device(args.device)
     model = load_model(args.model, device=device, random_hint="")

@@ -68,10 +68,7 @@ class GPTConfig:
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "GPTConfig":
         """One of ``gpt2``, ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl`` (or 124M ... 1558M)."""
-        key = PRESET_ALIASES.get(name, name)
-        if key not in PRESETS:
-            known = ", ".join(sorted(PRESETS) + sorted(PRESET_ALIASES))
-            raise ValueError(f"unknown preset {name!r}; known presets: {known}")
+        key = preset_name(name)
         return dataclasses.replace(PRESETS[key], **overrides) if overrides else PRESETS[key]
 
     # ------------------------------------------------------------ dict formats
@@ -248,6 +245,17 @@ PRESET_ALIASES: Dict[str, str] = {
     "774M": "gpt2-large",
     "1558M": "gpt2-xl",
 }
+
+MODEL_NAMES = tuple(PRESETS) + tuple(PRESET_ALIASES)
+
+
+def preset_name(name: str) -> str:
+    """The preset a model name means (``"124M"`` -> ``"gpt2"``): the one place that knows
+    the names, and the one error for a name that is none of them."""
+    key = PRESET_ALIASES.get(name, name) if isinstance(name, str) else name
+    if key not in PRESETS:
+        raise ValueError(f"unknown model name {name!r}; known names: {', '.join(MODEL_NAMES)}")
+    return key
 
 
 def resolve_config(config: Union[GPTConfig, Mapping[str, Any], str]) -> GPTConfig:

@@ -65,7 +65,7 @@ def _timed(fn: Callable[[], torch.Tensor], repeats: int) -> List[float]:
 
 def load_or_build(model: str, seed: int) -> tuple[GPTModel, str]:
     """A checkpoint path, or a preset name with seeded random weights."""
-    from gptfn.weights.resolve import load_model
+    from gptfn.cli_args import load_model
 
     from_path = Path(model).exists()
     net = load_model(model, random_init=not from_path, seed=seed)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from gptfn import functional as F
-from gptfn.config import PRESET_ALIASES, PRESETS, GPTConfig, resolve_config
+from gptfn.config import GPTConfig, resolve_config
 from gptfn.formats import SCALE_SUFFIX, scheme_of
 from gptfn.inputs import as_token_rows, check_targets, check_tokens
 from gptfn.loss import IGNORE_INDEX, linear_cross_entropy
@@ -324,15 +324,12 @@ class GPTModel(nn.Module):
         """Load a checkpoint path (a ``.safetensors`` file with config.json beside it, a
         directory holding both, or an OpenAI TF release directory), or a model name
         (``gpt2`` ... ``gpt2-xl``, ``124M`` ...) from gptfn's cache, downloading it from the
-        hub first when it is not there and ``download`` is true."""
+        hub first when it is not there and ``download`` is true (``gptfn.weights.resolve``:
+        the policy every command follows too)."""
         from gptfn.weights import load_params
+        from gptfn.weights.resolve import locate
 
-        if not Path(path).exists() and str(path) in _MODEL_NAMES:
-            from gptfn.weights.download import download as fetch, plan
-
-            target, _ = plan(str(path))
-            path = fetch(str(path)) if download else target
-        config, params = load_params(path, dtype=dtype, device=device)
+        config, params = load_params(locate(path, download), dtype=dtype, device=device)
         return cls(config, params=params).eval()
 
     def save_pretrained(self, path: Union[str, os.PathLike]) -> Path:
@@ -344,8 +341,6 @@ class GPTModel(nn.Module):
 
 # The GPTModelV1 API's name, for its users' code (``GPTModelV1(gpt_config)``).
 GPTModelV1 = GPTModel
-
-_MODEL_NAMES = frozenset(PRESETS) | frozenset(PRESET_ALIASES)
 
 
 def _check_length(x: Tensor, context_length: int) -> None:

@@ -49,7 +49,7 @@ def test_demo_compiled_on_a_tiny_checkpoint(tiny_dir):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["demo", "--model", "gpt3"], "unknown preset 'gpt3'"),
+    (["demo", "--model", "gpt3"], "unknown model name 'gpt3'"),
     (["demo", "--seq-len", "0"], "expected a positive integer, got 0"),
 ])
 def test_bad_arguments_one_line(args, message):
@@ -134,16 +134,36 @@ def test_generate_finds_the_cache_and_says_how_to_get_weights(bpe_dir, tmp_path)
     import shutil
 
     env_cache = tmp_path / "cache"
+    env = {**os.environ, "GPTFN_CACHE_DIR": str(env_cache), "GPTFN_OFFLINE": "1"}
     r = subprocess.run([sys.executable, "-m", "gptfn", "generate", "--max-new-tokens", "2"],
-                       capture_output=True, text=True, env={**os.environ, "GPTFN_CACHE_DIR": str(env_cache)})
+                       capture_output=True, text=True, env=env)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "no pretrained weights for 'gpt2'" in r.stderr and "--random-init" in r.stderr
+    assert "downloads are disabled (GPTFN_OFFLINE=1)" in r.stderr
     shutil.copytree(bpe_dir, env_cache / "hf" / "openai-community" / "gpt2")
     r = subprocess.run([sys.executable, "-m", "gptfn", "generate", "--prompt", "Hi",
-                        "--max-new-tokens", "3"], capture_output=True, text=True,
-                       env={**os.environ, "GPTFN_CACHE_DIR": str(env_cache)})
+                        "--max-new-tokens", "3"], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     assert r.stdout == expected_text(bpe_dir, "Hi", 3) + "\n"
+
+
+def test_generate_downloads_a_missing_model_as_the_library_does(bpe_dir, tmp_path):
+    """One policy for names: `gptfn generate --model gpt2` on an empty cache fetches the
+    model (here from a mirror on 127.0.0.1), as GPTModel.from_pretrained("gpt2") does."""
+    from tests.fileserver import FileServer
+
+    hub = "/openai-community/gpt2/resolve/main/"
+    files = {hub + f: (bpe_dir / f).read_bytes() for f in ("config.json", "model.safetensors")}
+    env = {k: v for k, v in os.environ.items() if k not in ("GPTFN_OFFLINE", "HF_HUB_OFFLINE")}
+    with FileServer(files) as server:
+        env.update(GPTFN_CACHE_DIR=str(tmp_path), HF_ENDPOINT=server.url)
+        r = subprocess.run([sys.executable, "-m", "gptfn", "generate", "--model", "124M",
+                            "--prompt", "Hi", "--max-new-tokens", "3"],
+                           capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == expected_text(bpe_dir, "Hi", 3) + "\n"
+    got = tmp_path / "hf" / "openai-community" / "gpt2"
+    assert (got / "model.safetensors").read_bytes() == files[hub + "model.safetensors"]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -51,8 +51,10 @@ def test_config_and_model_paths_that_do_not_exist(capsys, files, tmp_path):
 
 def test_init_name_without_weights_names_trains_own_flags(capsys, files, tmp_path, monkeypatch):
     monkeypatch.setenv("GPTFN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("GPTFN_OFFLINE", "1")  # a missing model is otherwise downloaded
     line = one_line_error(capsys, ["train", "--data", str(files / "corpus.txt"), "--init", "gpt2",
                                    "--out", str(tmp_path / "r")])
+    assert "no pretrained weights for 'gpt2'" in line and "downloads are disabled" in line
     assert "--init random" in line and "--random-init" not in line
 
 

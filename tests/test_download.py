@@ -222,6 +222,26 @@ def test_env_endpoint_and_cache_and_from_pretrained(hub_repo, tmp_path, monkeypa
     assert (ours(idx) - hf_logits(model, idx)).abs().max() <= 1e-4
 
 
+def test_a_missing_model_is_not_fetched_when_told_not_to_or_offline(tmp_path, monkeypatch):
+    from gptfn.weights.resolve import NotCached
+
+    monkeypatch.setenv("GPTFN_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: a fetch fails
+    monkeypatch.setenv("GPTFN_OFFLINE", "0")
+    with pytest.raises(NotCached, match=r"no pretrained weights for 'gpt2' in .*: download "
+                                        r"them with `gptfn download gpt2`"):
+        GPTModel.from_pretrained("gpt2", download=False)
+    monkeypatch.setenv("GPTFN_OFFLINE", "1")
+    with pytest.raises(NotCached, match=r"downloads are disabled \(GPTFN_OFFLINE=1\)"):
+        GPTModel.from_pretrained("124M")
+    with pytest.raises(ValueError, match="unknown model name 'gpt3'; known names: gpt2, "):
+        GPTModel.from_pretrained("gpt3")
+    with pytest.raises(FileNotFoundError, match="no such checkpoint file or directory"):
+        GPTModel.from_pretrained(tmp_path / "nowhere" / "model.safetensors")
+    assert not any(tmp_path.iterdir())  # nothing was written
+
+
 def test_hub_key_style_download(tmp_path, fast):
     """The real hub file's style: no transformer. prefix, h.N.attn.bias mask buffers."""
     cfg = tiny_config(context_length=16)

@@ -523,7 +523,7 @@ def test_too_short_for_verification_is_refused_before_any_work(tmp_path, capsys,
     steps that verification runs: the one-line error verification would give, before the
     build (and, for --max-seq-len, before the model is loaded)."""
     import export.build
-    import gptfn.weights.resolve
+    import gptfn.cli_args
     from export.__main__ import main
     from gptfn import init_params
 
@@ -537,7 +537,7 @@ def test_too_short_for_verification_is_refused_before_any_work(tmp_path, capsys,
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[-1] == ("export: error: max_seq_len must be at least 17 to verify 16 decode "
                          "steps, got 16")
-    monkeypatch.setattr(gptfn.weights.resolve, "load_model", _no_work)
+    monkeypatch.setattr(gptfn.cli_args, "load_model", _no_work)
     assert main(["torchscript", "--random-init", "--out", str(out / "m.pt"),
                  "--max-seq-len", "16"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()

@@ -156,7 +156,7 @@ def test_gguf_of_a_tiny_vocabulary_without_qkv_bias(tiny_dir, tmp_path):
 @needs_llama
 def test_gpt2_preset_exports_to_gguf_in_four_dtypes(tmp_path):
     from export.interop import build_gguf
-    from gptfn.weights.resolve import load_model
+    from gptfn.cli_args import load_model
 
     model = load_model("gpt2", True, 0, torch.float32, torch.device("cpu"))
     sizes = {}
@@ -289,7 +289,7 @@ def test_onnx_runs_in_onnxruntime_as_gptfn_batched_and_padded(tiny_dir, tmp_path
 @needs_onnx
 def test_gpt2_preset_exports_to_onnx(tmp_path):
     from export.interop import build_onnx
-    from gptfn.weights.resolve import load_model
+    from gptfn.cli_args import load_model
 
     model = load_model("gpt2", True, 0, torch.float32, torch.device("cpu"))
     report = build_onnx(model, tmp_path / "gpt2", False, seed=0, threads=2, log=lambda m: None)

@@ -288,3 +288,22 @@ def test_save_rejects_bad_params_before_writing(tmp_path):
     with pytest.raises(ValueError, match="wpe.weight"):
         save_params(params, tmp_path / "out", cfg)
     assert not (tmp_path / "out").exists()
+
+
+
+def test_loaders_return_params_and_never_import_the_modules():
+    """The layering: modules call loaders, never the reverse (no import circle). No module
+    of gptfn.weights imports gptfn.modules, at its top or inside a function."""
+    import ast
+    from pathlib import Path
+
+    for path in sorted(Path(gptfn.weights.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            assert not any(n.startswith(("gptfn.modules", "gptfn.GPTModel")) for n in names), \
+                f"{path.name}:{node.lineno} imports {names}"

@@ -59,11 +59,10 @@ import warnings
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
-from gptfn.config import PRESET_ALIASES, PRESETS
+from gptfn.config import PRESET_ALIASES, PRESETS, preset_name
 from gptfn.fileio import fsync_dir
 from gptfn.progress import byte_bar
 from gptfn.weights.filecheck import BadFile, check_file, check_set
-from gptfn.weights.resolve import HF_REPOS, cache_dir as default_cache_dir
 
 HF_BASE = "https://huggingface.co"
 OPENAI_BASE = "https://openaipublic.blob.core.windows.net/gpt-2"
@@ -77,7 +76,8 @@ OPENAI_FILES = (
     "model.ckpt.meta",
     "vocab.bpe",
 )
-OPENAI_SIZES = {"gpt2": "124M", "gpt2-medium": "355M", "gpt2-large": "774M", "gpt2-xl": "1558M"}
+HF_REPOS = {name: f"openai-community/{name}" for name in PRESETS}
+OPENAI_SIZES = {name: size for size, name in PRESET_ALIASES.items()}  # gpt2 -> 124M ...
 TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 CHUNK = 1 << 16  # written as it comes: a cut transfer keeps all but the last chunk
 OFFLINE_VARIABLES = ("GPTFN_OFFLINE", "HF_HUB_OFFLINE")  # the first one not empty decides
@@ -93,12 +93,13 @@ class _Retry(Exception):
     """A transient failure: try again (resuming from the .part file)."""
 
 
-def canonical_name(name: str) -> str:
-    key = PRESET_ALIASES.get(name, name)
-    if key not in PRESETS:
-        known = ", ".join(list(PRESETS) + list(PRESET_ALIASES))
-        raise ValueError(f"unknown model name {name!r}; known names: {known}")
-    return key
+def default_cache_dir() -> Path:
+    """gptfn's cache directory: ``$GPTFN_CACHE_DIR``, else ``$XDG_CACHE_HOME/gptfn``, else
+    ``~/.cache/gptfn``."""
+    if os.environ.get("GPTFN_CACHE_DIR"):
+        return Path(os.environ["GPTFN_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "gptfn"
 
 
 def plan(
@@ -108,7 +109,7 @@ def plan(
     cache_dir: Optional[Union[str, os.PathLike]] = None,
 ) -> Tuple[Path, List[Tuple[str, str]]]:
     """(target directory, [(file name, url)]) for a model and source."""
-    key = canonical_name(name)
+    key = preset_name(name)
     cache = _cache_root(cache_dir)
     if source == "hf":
         base = (base_url or os.environ.get("HF_ENDPOINT") or HF_BASE).rstrip("/")

@@ -1,12 +1,13 @@
-"""From a name or a path to a model: where gptfn looks for weights, and what it says when
-there are none.
+"""From a model name or a path to the files of a checkpoint: one policy for the library
+(``GPTModel.from_pretrained``) and every command (``--model``).
 
-``--model`` is a checkpoint path (a directory with model.safetensors + config.json, or a
-.safetensors file) or a preset name (``gpt2``, ``gpt2-medium``, ... or ``124M`` ...), whose
-pretrained weights are looked up in the cache directory: ``$GPTFN_CACHE_DIR``, else
-``$XDG_CACHE_HOME/gptfn``, else ``~/.cache/gptfn``; the files of the hub repository
-``openai-community/NAME`` go in ``CACHE/hf/openai-community/NAME/``. Random weights are
-used only when asked for.
+A path that exists is used as it is (a directory with model.safetensors + config.json, a
+.safetensors file, an OpenAI TF release directory). Anything else is a model name (``gpt2``
+... ``gpt2-xl``, or ``124M`` ...), whose hub files are looked up in gptfn's cache (see
+``gptfn.weights.download``) and downloaded there when they are missing, unless the caller
+says not to or ``GPTFN_OFFLINE`` forbids the network: then ``NotCached`` says how to get
+them. A value that can only be a path (``./x``, ``a/b``, ``m.safetensors`` ...) and does not
+exist is a ``FileNotFoundError``, never a name.
 """
 
 from __future__ import annotations
@@ -15,93 +16,42 @@ import os
 from pathlib import Path
 from typing import Optional, Union
 
-import torch
-
-from gptfn.config import PRESET_ALIASES, PRESETS, GPTConfig
-
-HF_REPOS = {name: f"openai-community/{name}" for name in PRESETS}
+from gptfn.config import MODEL_NAMES, preset_name
+from gptfn.weights import download as hub
 
 
-def cache_dir() -> Path:
-    """gptfn's cache directory (see the module docstring)."""
-    if os.environ.get("GPTFN_CACHE_DIR"):
-        return Path(os.environ["GPTFN_CACHE_DIR"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "gptfn"
+class NotCached(FileNotFoundError):
+    """A model name whose files are not in the cache, and which may not be downloaded."""
 
 
-def pretrained_dir(name: str) -> Path:
-    """Where the hub files of preset ``name`` live in the cache."""
-    key = PRESET_ALIASES.get(name, name)
-    if key not in HF_REPOS:
-        known = ", ".join(list(PRESETS) + list(PRESET_ALIASES))
-        raise ValueError(f"unknown model name {name!r}; known names: {known}")
-    return cache_dir() / "hf" / HF_REPOS[key]
-
-
-def parse_dtype(name: Optional[str]) -> Optional[torch.dtype]:
-    if name is None:
-        return None
-    dtypes = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-              "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if name not in dtypes:
-        raise ValueError(f"unknown dtype {name!r}; use float32, float16 or bfloat16")
-    return dtypes[name]
-
-
-def parse_device(name: Optional[str]) -> torch.device:
-    """``None`` or ``auto``: CUDA when available, else CPU."""
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r}") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {name!r} is not supported: use cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA GPU here")
-    return device
-
-
-def load_model(
-    model: str,
-    random_init: bool = False,
-    seed: int = 0,
-    dtype: Optional[torch.dtype] = None,
-    device: Optional[Union[str, torch.device]] = None,
-    random_hint: str = ", or pass --random-init to use random weights",
-):
-    """A GPTModel in eval mode from a path or a preset name (see the module docstring).
-    ``random_hint`` is how the error for a name with no cached weights says to use random
-    weights instead (commands spell it differently)."""
-    from gptfn.modules import GPTModel
-
+def locate(
+    model: Union[str, os.PathLike],
+    download: bool = True,
+    cache_dir: Optional[Union[str, os.PathLike]] = None,
+) -> Path:
+    """The checkpoint that ``model`` (a path or a model name) means, downloading a named one
+    first when it is not cached and ``download`` is true (see the module docstring)."""
     path = Path(model).expanduser()
-    if not path.exists() and _looks_like_path(model):
-        known = ", ".join(list(PRESETS) + list(PRESET_ALIASES))
-        raise FileNotFoundError(f"no such checkpoint file or directory: {path} (and {model!r} "
-                                f"is not a model name: {known})")
     if path.exists():
-        if random_init:
-            raise ValueError("--random-init takes a preset name, not a checkpoint path")
-        net = GPTModel.from_pretrained(path, dtype=dtype, device=device)
-    elif random_init:
-        net = GPTModel(GPTConfig.from_preset(model), seed=seed).eval()
-        net = net.to(device=device, dtype=dtype) if (dtype or device) else net
-    else:
-        where = pretrained_dir(model)
-        if not (where / "model.safetensors").is_file() or not (where / "config.json").is_file():
-            raise FileNotFoundError(
-                f"no pretrained weights for {model!r} in {where}: download them with "
-                f"`gptfn download {model}` (or set GPTFN_CACHE_DIR to a cache that has them), "
-                f"or give a checkpoint path instead{random_hint}"
-            )
-        net = GPTModel.from_pretrained(where, dtype=dtype, device=device)
-    return net
+        return path
+    text = str(model)
+    if looks_like_path(text):
+        raise FileNotFoundError(f"no such checkpoint file or directory: {path} (and {text!r} "
+                                f"is not a model name: {', '.join(MODEL_NAMES)})")
+    name = preset_name(text)  # an unknown name is a ValueError naming the known ones
+    if hub.is_cached(name, cache_dir=cache_dir):
+        return hub.plan(name, cache_dir=cache_dir)[0]
+    forbidden = hub.offline()
+    if download and not forbidden:
+        return hub.download(text, cache_dir=cache_dir)
+    where = hub.plan(name, cache_dir=cache_dir)[0]
+    why = f" and downloads are disabled ({forbidden})" if forbidden else ""
+    raise NotCached(f"no pretrained weights for {text!r} in {where}{why}: download them with "
+                    f"`gptfn download {text}` (or set GPTFN_CACHE_DIR to a cache that has "
+                    "them), or give a checkpoint path instead")
 
 
-def _looks_like_path(text: str) -> bool:
+def looks_like_path(text: str) -> bool:
     """A --model value that can only mean a file: it has a directory part, starts with ``.``
     or ``~``, or ends like a weights or config file."""
     return ("/" in text or os.sep in text or text.startswith((".", "~"))
