@@ -315,28 +315,14 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    import os
-
-    import torch
-
     from gptfn.cli_args import load_model, parse_device
     from gptfn.data import check_vocabulary, load_training_data
+    from gptfn.distributed import process_group
     from gptfn.modules import GPTModel
     from gptfn.tokenizer import BPETokenizer
     from gptfn.train import TrainSettings, train
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = 0
-    device = parse_device(args.device)
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        rank = dist.get_rank()
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-    try:
+    with process_group(parse_device(args.device)) as proc:  # torchrun's processes, or this one
         if args.resume and args.overwrite:
             raise ValueError("--resume continues the run in --out and --overwrite deletes it: "
                              "give one of them")
@@ -345,7 +331,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             model = GPTModel(config, seed=args.seed)
         else:
             if args.config is not None:
-                raise ValueError("--config goes with --init random; a pretrained model brings its own")
+                raise ValueError("--config goes with --init random; a pretrained model brings "
+                                 "its own")
             model = load_model(args.init, random_hint=", or pass --init random (with "
                                "--config) to train from random weights")
         context = args.context_length or model.config.context_length
@@ -355,7 +342,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         tokenizer = BPETokenizer()
         check_vocabulary(args.data, model.config.vocab_size)
         train_set, val_set = load_training_data(args.data, context, tokenizer)
-        warmup = args.warmup_steps if args.warmup_steps is not None else min(100, args.max_steps // 10)
+        warmup = (args.warmup_steps if args.warmup_steps is not None
+                  else min(100, args.max_steps // 10))
         settings = TrainSettings(
             max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
             lr=args.lr, warmup_steps=warmup, eval_interval=args.eval_interval,
@@ -364,17 +352,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
         )
         log = lambda message: print(message, file=sys.stderr)  # noqa: E731
         result = train(model, train_set, val_set, settings, args.out, tokenizer=tokenizer,
-                       resume=args.resume, overwrite=args.overwrite, device=device, rank=rank,
-                       world_size=world, progress=not args.no_progress, log=log)
-        if rank == 0 and result["metrics"]:
+                       resume=args.resume, overwrite=args.overwrite, device=proc.device,
+                       rank=proc.rank, world_size=proc.world_size,
+                       progress=not args.no_progress, log=log)
+        if proc.rank == 0 and result["metrics"]:
             last = result["metrics"][-1]
             print(f"trained {result['steps']} steps ({result['tokens']:,} tokens); final train "
-                  f"loss {last['train_loss']:.3f}, val loss {last['val_loss']:.3f}; model in {args.out}")
-    finally:
-        if world > 1:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+                  f"loss {last['train_loss']:.3f}, val loss {last['val_loss']:.3f}; "
+                  f"model in {args.out}")
     return 0
 
 

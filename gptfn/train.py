@@ -15,25 +15,21 @@ and when the run is stopped by Ctrl-C or SIGTERM: a checkpoint. Only rank 0 writ
 non-finite loss stops the run with an error before the optimizer touches the weights; the
 last checkpoint stays as it was.
 
-A run directory belongs to one run. Starting a run where another one's files are refuses
-unless asked to ``resume`` it or to ``overwrite`` it (which deletes that run's files, and
-only those); resuming where there is no checkpoint, or with nothing left to train, is an
-error; resuming with settings that change the run's course says which changed.
+A run directory belongs to one run (``gptfn.run_dir``). Starting a run where another one's
+files are refuses unless asked to ``resume`` it or to ``overwrite`` it (which deletes that
+run's files, and only those); resuming where there is no checkpoint, or with nothing left to
+train, is an error; resuming with settings that change the run's course says which changed.
+Processes launched by torchrun join through ``gptfn.distributed``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import math
-import os
-import re
 import signal
 import threading
 import time
-import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -43,22 +39,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gptfn.checkpoint import (POINTER, has_checkpoint, load_checkpoint, remove_entry,
-                              restore_rng, run_dir_entries, save_checkpoint)
+                              restore_rng, save_checkpoint)
 from gptfn.checks import is_int
-from gptfn.config import GPTConfig
+from gptfn.distributed import data_parallel
 from gptfn.errors import TrainingDiverged, TrainingInterrupted
-from gptfn.fileio import atomic_write_text
 from gptfn.inputs import check_targets, check_tokens
 from gptfn.modules import GPTModel
-
-
-# What a run writes into its directory (and so what ``overwrite`` deletes), besides the
-# ckpt-NNNNNNNN checkpoints and their temporaries.
-RUN_FILES = (POINTER, "metrics.jsonl", "losses.png", "model.safetensors", "config.json")
-# Settings that change which weights a run ends with; the others only change what it reports.
-LOCK_NAME = ".gptfn-train.lock"  # held while a run trains; left behind, empty
-COURSE_SETTINGS = ("max_steps", "batch_size", "grad_accum", "lr", "min_lr", "warmup_steps",
-                   "weight_decay", "beta1", "beta2", "grad_clip", "seed")
+from gptfn.run_dir import (RUN_FILES, append_metrics, changed_course, data_fingerprint,
+                           plot_metrics, previous_run, run_lock, truncate_metrics)
 
 
 @dataclass
@@ -245,38 +233,63 @@ def train(
         raise FileNotFoundError(
             f"cannot resume: {out} holds no checkpoint (no {POINTER}); check the run "
             "directory, or leave out --resume to start a new run")
-    if rank != 0:
-        return _train(model, train_set, val_set, settings, out, tokenizer, resume, device,
-                      rank, world_size, log, progress, overwrite)
-    out.mkdir(parents=True, exist_ok=True)
-    with _run_lock(out):
+    if rank == 0:  # it alone writes: it alone locks the directory
+        out.mkdir(parents=True, exist_ok=True)
+    with run_lock(out) if rank == 0 else contextlib.nullcontext():
         return _train(model, train_set, val_set, settings, out, tokenizer, resume, device,
                       rank, world_size, log, progress, overwrite)
 
 
-@contextlib.contextmanager
-def _run_lock(out: Path):
-    """An exclusive lock on ``out/.gptfn-train.lock`` (where the platform has ``flock``)."""
-    try:
-        import fcntl
-    except ImportError:  # no flock here: one run at a time is up to the user
-        yield
-        return
-    fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise FileExistsError(f"another gptfn train is running in {out}: wait for it to "
-                                  "end, or give another --out") from None
-        yield
-    finally:
-        os.close(fd)
+@dataclass
+class _Run:
+    """What the steps of one process's run share: set up once, except that ``net`` becomes
+    DDP's wrapper after resuming, and ``tokens`` and ``metrics`` grow as the run goes."""
+
+    model: nn.Module  # the GPTModel: evaluated, sampled and saved
+    net: nn.Module  # what the optimizer steps call: ``model``, or DDP around it
+    optimizer: torch.optim.Optimizer
+    settings: TrainSettings
+    schedule: BatchSchedule
+    course: dict  # what each checkpoint records of the run's course (settings, data)
+    train_set: object
+    eval_train: List[Tuple[Tensor, Tensor]]
+    eval_val: List[Tuple[Tensor, Tensor]]
+    out: Path
+    tokenizer: object
+    device: torch.device
+    rank: int
+    world_size: int
+    tokens: int = 0  # trained on so far, by all the processes together
+    metrics: List[dict] = field(default_factory=list)
+
+    @property
+    def step_tokens(self) -> int:
+        return self.schedule.per_step * self.train_set.context_size
 
 
 def _train(model, train_set, val_set, settings, out, tokenizer, resume, device, rank,
            world_size, log, progress, overwrite) -> Dict[str, object]:
-    config: GPTConfig = model.config
+    """The run, top-down: its state; the checkpoint resumed, or a fresh start; DDP; the
+    optimizer steps; the final model."""
+    run = _set_up(model, train_set, val_set, settings, out, tokenizer, device, rank, world_size)
+    start = _resume(run, log) if resume else _start_afresh(run, overwrite)
+    run.net = data_parallel(model, run.device, world_size)
+    if start == settings.max_steps:  # finished: only the final model may be missing
+        if rank == 0:
+            log(f"nothing to train: the run in {out} is complete at step {start} (give a larger "
+                "--max-steps to train further); its final model is written")
+            model.save_pretrained(out)
+        return {"steps": start, "tokens": run.tokens, "metrics": []}
+    _steps(run, start, progress)
+    if rank == 0:
+        model.save_pretrained(out)
+    return {"steps": settings.max_steps, "tokens": run.tokens, "metrics": run.metrics}
+
+
+def _set_up(model, train_set, val_set, settings, out, tokenizer, device, rank,
+            world_size) -> _Run:
+    """The model on its device, a new optimizer, the batch schedule and the fixed
+    evaluation batches."""
     device = torch.device(device or "cpu")
     if len(train_set) == 0 or len(val_set) == 0:
         raise ValueError("the training and validation data must each hold at least one window")
@@ -286,171 +299,167 @@ def _train(model, train_set, val_set, settings, out, tokenizer, resume, device, 
         "seed": settings.seed, "context_length": train_set.context_size, "world_size": world_size,
         "sha256": data_fingerprint(train_set)}}
     model.to(device)
-    optimizer = make_optimizer(model, settings)
-    start, tokens = 0, 0
-    if resume:
-        links = [name for name in RUN_FILES if (out / name).is_symlink()]
-        if links:
-            raise ValueError(f"{out / links[0]} is a symbolic link: gptfn writes only files of "
-                             "its own inside the run directory; remove the link to resume")
-        ck = load_checkpoint(out)
-        start, tokens = int(ck.state["step"]), int(ck.state["tokens"])
-        if ck.config != config:
-            raise ValueError(
-                f"the checkpoint in {out} is for another model config ({ck.config}); this "
-                f"run's is {config}"
-            )
-        if start > settings.max_steps:
-            raise ValueError(
-                f"nothing to train: the checkpoint in {out} is at step {start}, past max_steps "
-                f"{settings.max_steps}; give a larger --max-steps to train further")
-        changed = _changed_course(ck.state, course)
-        model.load_state_dict(ck.params)
-        optimizer.load_state_dict(ck.optimizer_state)
-        restore_rng(ck.rng)
-        if rank == 0:
-            _truncate_metrics(out / "metrics.jsonl", start, log)
-            log(f"resumed from {ck.path} at step {start}")
-            if changed:
-                log("warning: resuming with settings that change the run: " + "; ".join(changed)
-                    + ". The result will differ from the uninterrupted run's.")
-    else:
-        previous = _previous_run(out)
-        if previous and not overwrite:
-            raise FileExistsError(
-                f"{out} holds another run ({', '.join(p.name for p in previous[:4])}"
-                f"{', ...' if len(previous) > 4 else ''}): pass --resume to continue it, or "
-                "--overwrite to delete its files and start again")
-        torch.manual_seed(settings.seed + rank)  # dropout: a function of the seed (and rank)
-        if rank == 0:
-            for entry in previous:
-                remove_entry(entry, out)
-            out.mkdir(parents=True, exist_ok=True)
-    net = model
-    if world_size > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    eval_train = fixed_batches(train_set, settings.batch_size, settings.eval_batches)
-    eval_val = fixed_batches(val_set, settings.batch_size, settings.eval_batches)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else contextlib.nullcontext())
-    step_tokens = schedule.per_step * train_set.context_size
-    metrics: List[dict] = []
+    return _Run(
+        model=model, net=model, optimizer=make_optimizer(model, settings), settings=settings,
+        schedule=schedule, course=course, train_set=train_set,
+        eval_train=fixed_batches(train_set, settings.batch_size, settings.eval_batches),
+        eval_val=fixed_batches(val_set, settings.batch_size, settings.eval_batches),
+        out=out, tokenizer=tokenizer, device=device, rank=rank, world_size=world_size)
 
-    def report(done: int, lr: float) -> None:
-        with autocast:
-            tr = evaluate(model, eval_train, device)["loss"]
-            va = evaluate(model, eval_val, device)["loss"]
-        row = {"step": done, "train_loss": tr, "val_loss": va, "tokens": tokens, "lr": lr}
-        metrics.append(row)
-        if rank == 0:
-            _append_metrics(out / "metrics.jsonl", row)
-            _plot(out)
-            sample = _sample(model, tokenizer, settings, device) if done else None
-            bar.write(f"step {done}: train {tr:.3f}, val {va:.3f}" + (f" | {sample!r}" if sample else ""))
 
-    def checkpoint(done: int) -> Path:
-        return save_checkpoint(out, model, optimizer, config, course | {
-            "step": done, "tokens": tokens,
-            "data": course["data"] | {"windows_consumed": done * schedule.per_step}})
+def _resume(run: _Run, log) -> int:
+    """Load the checkpoint in the run directory into the model, the optimizer and the RNGs;
+    returns its step. Refuses another model's checkpoint, or one with nothing left to train."""
+    out, settings, config = run.out, run.settings, run.model.config
+    links = [name for name in RUN_FILES if (out / name).is_symlink()]
+    if links:
+        raise ValueError(f"{out / links[0]} is a symbolic link: gptfn writes only files of "
+                         "its own inside the run directory; remove the link to resume")
+    ck = load_checkpoint(out)
+    start, run.tokens = int(ck.state["step"]), int(ck.state["tokens"])
+    if ck.config != config:
+        raise ValueError(
+            f"the checkpoint in {out} is for another model config ({ck.config}); this "
+            f"run's is {config}"
+        )
+    if start > settings.max_steps:
+        raise ValueError(
+            f"nothing to train: the checkpoint in {out} is at step {start}, past max_steps "
+            f"{settings.max_steps}; give a larger --max-steps to train further")
+    changed = changed_course(ck.state, run.course)
+    run.model.load_state_dict(ck.params)
+    run.optimizer.load_state_dict(ck.optimizer_state)
+    restore_rng(ck.rng)
+    if run.rank == 0:
+        truncate_metrics(out / "metrics.jsonl", start, log)
+        log(f"resumed from {ck.path} at step {start}")
+        if changed:
+            log("warning: resuming with settings that change the run: " + "; ".join(changed)
+                + ". The result will differ from the uninterrupted run's.")
+    return start
 
-    if start == settings.max_steps:  # finished: only the final model may be missing
-        if rank == 0:
-            log(f"nothing to train: the run in {out} is complete at step {start} (give a larger "
-                "--max-steps to train further); its final model is written")
-            model.save_pretrained(out)
-        return {"steps": start, "tokens": tokens, "metrics": []}
-    bar = _bar(start, settings.max_steps, progress and rank == 0)
+
+def _start_afresh(run: _Run, overwrite: bool) -> int:
+    """Seed the RNGs and clear the run directory (another run's files only with
+    ``overwrite``); returns step 0."""
+    previous = previous_run(run.out)
+    if previous and not overwrite:
+        raise FileExistsError(
+            f"{run.out} holds another run ({', '.join(p.name for p in previous[:4])}"
+            f"{', ...' if len(previous) > 4 else ''}): pass --resume to continue it, or "
+            "--overwrite to delete its files and start again")
+    torch.manual_seed(run.settings.seed + run.rank)  # dropout: a function of the seed (and rank)
+    if run.rank == 0:
+        for entry in previous:
+            remove_entry(entry, run.out)
+        run.out.mkdir(parents=True, exist_ok=True)
+    return 0
+
+
+def _steps(run: _Run, start: int, progress: bool) -> None:
+    """The optimizer steps from ``start`` to ``max_steps``, with evaluations and checkpoints
+    on the way. SIGINT or SIGTERM ends them at the next step's end, after a checkpoint."""
+    s = run.settings
+    bar = _bar(start, s.max_steps, progress and run.rank == 0)
     with _StopSignals() as stop:
         if start == 0:
-            report(0, lr_at(0, settings))  # the random model's loss: the curve starts at step 0
-        model.train()
+            _report(run, 0, lr_at(0, s), bar)  # the random model's loss: the curve starts at step 0
+        run.model.train()
         t_last = time.perf_counter()
-        for step in range(start, settings.max_steps):
-            lr = lr_at(step, settings)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            step_loss = 0.0
-            for micro in range(settings.grad_accum):
-                x, y = collate(train_set, schedule.indices(step, micro, rank))
-                sync = micro == settings.grad_accum - 1 or world_size == 1
-                with (contextlib.nullcontext() if sync else net.no_sync()), autocast:
-                    loss = calc_loss_batch(x, y, net, device) / settings.grad_accum
-                loss.backward()
-                step_loss += loss.item()
-            if not math.isfinite(step_loss):
-                optimizer.zero_grad(set_to_none=True)
+        for step in range(start, s.max_steps):
+            lr = lr_at(step, s)
+            loss = _accumulate_gradients(run, step)
+            if not math.isfinite(loss):  # before the optimizer touches the weights
+                run.optimizer.zero_grad(set_to_none=True)
                 bar.close()
-                kept = (f"; the last good checkpoint is {load_checkpoint(out).path} (resume from "
-                        "it with --resume, perhaps with a lower --lr)") if has_checkpoint(out) else (
-                        "; no checkpoint was saved yet")
-                raise TrainingDiverged(f"the loss is {step_loss} at step {step}: stopping{kept}")
-            if settings.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            tokens += step_tokens
-            now = time.perf_counter()
-            bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{step_tokens / (now - t_last):,.0f}")
-            bar.update(1)
-            t_last = now
+                raise _diverged(run.out, loss, step)
+            _apply_gradients(run, lr)
+            run.tokens += run.step_tokens
+            t_last = _show_step(bar, loss, lr, run.step_tokens, t_last)
             done = step + 1
-            if done % settings.eval_interval == 0 or done == settings.max_steps:
-                report(done, lr)
-                model.train()
-            if stop.signal is not None or done % settings.checkpoint_interval == 0 or done == settings.max_steps:
-                path = checkpoint(done) if rank == 0 else None
-            if stop.signal is not None and done < settings.max_steps:
+            if done % s.eval_interval == 0 or done == s.max_steps:
+                _report(run, done, lr, bar)
+            if stop.signal is not None or done % s.checkpoint_interval == 0 or done == s.max_steps:
+                path = _checkpoint(run, done) if run.rank == 0 else None
+            if stop.signal is not None and done < s.max_steps:
                 bar.close()
                 raise TrainingInterrupted(
                     f"{stop.signal} at step {done}: saved checkpoint {path}; continue with the "
                     "same command and --resume")
     bar.close()
-    if rank == 0:
-        model.save_pretrained(out)
-    return {"steps": settings.max_steps, "tokens": tokens, "metrics": metrics}
 
 
-def _previous_run(out: Path) -> List[Path]:
-    """The entries of ``out`` that a gptfn run wrote (none if ``out`` does not exist)."""
-    return [e for e in run_dir_entries(out)
-            if e.name in RUN_FILES or _is_checkpoint_entry(e.name)]
+def _accumulate_gradients(run: _Run, step: int) -> float:
+    """Forward and backward over the step's ``grad_accum`` micro-batches (this process's
+    slice of the global batch), under autocast; returns the step's mean loss."""
+    s = run.settings
+    step_loss = 0.0
+    for micro in range(s.grad_accum):
+        x, y = collate(run.train_set, run.schedule.indices(step, micro, run.rank))
+        # DDP averages gradients over the processes in backward: once a step, at the last
+        sync = micro == s.grad_accum - 1 or run.world_size == 1
+        with (contextlib.nullcontext() if sync else run.net.no_sync()), _autocast(run.device):
+            loss = calc_loss_batch(x, y, run.net, run.device) / s.grad_accum
+        loss.backward()
+        step_loss += loss.item()
+    return step_loss
 
 
-def _is_checkpoint_entry(name: str) -> bool:
-    return re.fullmatch(r"\.?ckpt-\d{8}(\.tmp)?", name) is not None
+def _apply_gradients(run: _Run, lr: float) -> None:
+    """One AdamW step at ``lr`` along the accumulated gradients (clipped), which it clears."""
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    if run.settings.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.settings.grad_clip)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
 
 
-def _changed_course(saved: dict, now: dict) -> List[str]:
-    """The settings in which ``now`` differs from the checkpoint's, as 'name old -> new'."""
-    old_settings, old_data = saved.get("settings", {}), saved.get("data", {})
-    changed = []
-    for key in COURSE_SETTINGS:
-        if key in old_settings and old_settings[key] != now["settings"][key]:
-            why = " (the learning-rate schedule changes)" if key in ("max_steps", "warmup_steps") else ""
-            changed.append(f"{key} {old_settings[key]} -> {now['settings'][key]}{why}")
-    for key in ("context_length", "world_size"):
-        if key in old_data and old_data[key] != now["data"][key]:
-            changed.append(f"{key} {old_data[key]} -> {now['data'][key]}")
-    old_sha, new_sha = old_data.get("sha256"), now["data"]["sha256"]
-    if old_sha and new_sha and old_sha != new_sha:
-        changed.append(f"the training data (sha256 {str(old_sha)[:12]}... -> {new_sha[:12]}...)")
-    return changed
+def _diverged(out: Path, loss: float, step: int) -> TrainingDiverged:
+    kept = (f"; the last good checkpoint is {load_checkpoint(out).path} (resume from it with "
+            "--resume, perhaps with a lower --lr)") if has_checkpoint(out) else (
+            "; no checkpoint was saved yet")
+    return TrainingDiverged(f"the loss is {loss} at step {step}: stopping{kept}")
 
 
-def data_fingerprint(dataset) -> Optional[str]:
-    """The sha256 of the tokens a dataset's windows come from (for a prepared corpus, the
-    one its meta.json states, and its split), or None for a dataset of another kind."""
-    meta = getattr(dataset, "meta", None)
-    if isinstance(meta, dict) and "sha256" in meta:
-        tokens = getattr(dataset, "tokens", None)
-        return hashlib.sha256(f"{meta['sha256']}:{len(tokens) if tokens is not None else ''}"
-                              .encode()).hexdigest()
-    tokens = getattr(dataset, "tokens", None)
-    if isinstance(tokens, Tensor):
-        return hashlib.sha256(tokens.detach().cpu().numpy().tobytes()).hexdigest()
-    if isinstance(tokens, np.ndarray):
-        return hashlib.sha256(np.ascontiguousarray(tokens).tobytes()).hexdigest()
-    return None
+def _show_step(bar, loss: float, lr: float, step_tokens: int, t_last: float) -> float:
+    """Advance the progress bar by a step; returns the time it was shown at."""
+    now = time.perf_counter()
+    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}",
+                    tok_s=f"{step_tokens / (now - t_last):,.0f}")
+    bar.update(1)
+    return now
+
+
+def _report(run: _Run, done: int, lr: float, bar) -> None:
+    """Train and validation loss over the fixed batches, kept as a metrics row. Rank 0 also
+    appends the row to metrics.jsonl, redraws losses.png and prints it (after step 0 with a
+    short sample)."""
+    with _autocast(run.device):
+        tr = evaluate(run.model, run.eval_train, run.device)["loss"]
+        va = evaluate(run.model, run.eval_val, run.device)["loss"]
+    row = {"step": done, "train_loss": tr, "val_loss": va, "tokens": run.tokens, "lr": lr}
+    run.metrics.append(row)
+    if run.rank == 0:
+        append_metrics(run.out / "metrics.jsonl", row)
+        plot_metrics(run.out)
+        sample = _sample(run.model, run.tokenizer, run.settings, run.device) if done else None
+        bar.write(f"step {done}: train {tr:.3f}, val {va:.3f}"
+                  + (f" | {sample!r}" if sample else ""))
+
+
+def _checkpoint(run: _Run, done: int) -> Path:
+    """A checkpoint of the run after ``done`` steps: weights, optimizer, RNGs, position."""
+    return save_checkpoint(run.out, run.model, run.optimizer, run.model.config, run.course | {
+        "step": done, "tokens": run.tokens,
+        "data": run.course["data"] | {"windows_consumed": done * run.schedule.per_step}})
+
+
+def _autocast(device: torch.device):
+    """bf16 autocast on CUDA; on the CPU none (fp32)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 class _StopSignals:
@@ -498,70 +507,6 @@ def _sample(model, tokenizer, s: TrainSettings, device) -> Optional[str]:
     out = generate(model, torch.tensor([ids], device=device), min(s.sample_tokens, room))
     model.train(was)
     return tokenizer.decode(out[0, len(ids):].tolist())
-
-
-def _read_metrics(path: Path, log=None) -> List[dict]:
-    """The rows of ``metrics.jsonl``. A last line cut short (an append that was interrupted)
-    is dropped, with a warning through ``log``; a bad line before the last is an error."""
-    if not path.is_file():
-        return []
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    rows = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            if not isinstance(row, dict) or not isinstance(row.get("step"), int) or not all(
-                    isinstance(row.get(k), (int, float)) for k in ("train_loss", "val_loss")):
-                raise ValueError("not a metrics row")
-        except (ValueError, RecursionError) as e:
-            if number == len(lines):
-                if log is not None:
-                    log(f"warning: {path}: dropping its last line, cut short ({line[:40]!r})")
-                break
-            raise ValueError(f"{path}, line {number}: not a metrics row ({e})") from None
-        rows.append(row)
-    return rows
-
-
-def _append_metrics(path: Path, row: dict) -> None:
-    rows = _read_metrics(path) if path.is_file() and not _ends_cleanly(path) else None
-    if rows is not None:  # a cut-short last line: rewrite without it before appending
-        _write_metrics(path, rows)
-    # O_NOFOLLOW: a symbolic link planted as metrics.jsonl must not make gptfn append to a
-    # file outside the run directory
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
-    with open(fd, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(row) + "\n")
-
-
-def _ends_cleanly(path: Path) -> bool:
-    with open(path, "rb") as fh:
-        fh.seek(0, 2)
-        if fh.tell() == 0:
-            return True
-        fh.seek(-1, 2)
-        return fh.read(1) == b"\n"
-
-
-def _write_metrics(path: Path, rows: List[dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
-
-
-def _truncate_metrics(path: Path, step: int, log=None) -> None:
-    """Drop metrics past the checkpoint's step (a crash after writing them), atomically."""
-    if path.is_file():
-        _write_metrics(path, [r for r in _read_metrics(path, log) if r["step"] <= step])
-
-
-def _plot(out: Path) -> None:
-    from gptfn.plot import plot_losses
-
-    try:
-        plot_losses(_read_metrics(out / "metrics.jsonl"), out / "losses.png")
-    except ImportError as e:  # matplotlib is an extra: training goes on without the plot
-        warnings.warn(str(e), stacklevel=2)
 
 
 def _bar(start: int, total: int, enabled: bool):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import gptfn.fileio as fileio
+import gptfn.run_dir as run_dir
 import gptfn.train as T
 from gptfn import GPTModel, load_params, save_params
 from gptfn.checkpoint import load_checkpoint, save_checkpoint
@@ -95,7 +96,7 @@ def test_run_files_planted_as_links_are_never_written_through(tmp_path):
     with pytest.raises(ValueError, match="metrics.jsonl is a symbolic link"):
         run(out, max_steps=20, resume=True)
     with pytest.raises(OSError):  # O_NOFOLLOW, should a link appear mid-run
-        T._append_metrics(out / "metrics.jsonl", {"step": 1})
+        run_dir.append_metrics(out / "metrics.jsonl", {"step": 1})
     run(out, max_steps=10, overwrite=True)  # removes the link, not what it points to
     assert outside.read_text() == "keep me\n" and not (out / "metrics.jsonl").is_symlink()
 
@@ -199,7 +200,8 @@ def corrupt_cases():
     ]
 
 
-@pytest.mark.parametrize("damage,message", corrupt_cases(), ids=lambda c: getattr(c, "__name__", ""))
+@pytest.mark.parametrize("damage,message", corrupt_cases(),
+                         ids=lambda c: getattr(c, "__name__", ""))
 def test_a_corrupt_checkpoint_file_is_named(tmp_path, damage, message):
     out = tmp_path / "run"
     run(out, max_steps=10)
@@ -314,7 +316,8 @@ def test_a_save_cut_before_the_first_config_json_loads_as_the_new_model(tmp_path
         got_cfg, params = load_params(tmp_path / "fresh")
     assert got_cfg == cfg and all(torch.equal(params[k], new[k]) for k in new)
     (tmp_path / "weights-only").mkdir()
-    os.replace(tmp_path / "fresh" / "model.safetensors", tmp_path / "weights-only" / "model.safetensors")
+    os.replace(tmp_path / "fresh" / "model.safetensors",
+               tmp_path / "weights-only" / "model.safetensors")
     with pytest.raises(FileNotFoundError, match="needs the model's config.json"):
         load_params(tmp_path / "weights-only")  # no cut save's config.json: nothing to go on
 
@@ -376,7 +379,7 @@ def test_a_second_run_in_a_locked_directory_is_refused(tmp_path):
 
     out = tmp_path / "run"
     out.mkdir()
-    fd = os.open(out / T.LOCK_NAME, os.O_RDWR | os.O_CREAT)
+    fd = os.open(out / run_dir.LOCK_NAME, os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_EX)
     try:
         with pytest.raises(FileExistsError, match="another gptfn train is running"):
