@@ -18,33 +18,30 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from benchmarks.harness import write_report
+# each module registers its workloads (benchmarks.harness.WORKLOADS); the order of these
+# imports is the order in which a run without WORKLOAD arguments runs them
+from benchmarks import decode, prefill, training, loading, compile_time  # noqa: F401
+from benchmarks import artifacts, memory, tokenizer  # noqa: F401
+from benchmarks.harness import WORKLOADS, write_report
 from benchmarks.peers import PEERS, PRECISIONS, PeerFiles, parse_peers
 
-WORKLOADS = ("decode", "prefill", "training", "loading", "compile", "artifacts", "memory",
-             "tokenize", "prepare")
+
+def _number(kind, ok, why: str):
+    """An argparse type: ``kind(text)``, refused (never replaced) unless ``ok(value)``."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{why}, got {text if kind is float else value}")
+        return value
+    return parse
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (0 and negatives are refused, never replaced)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
+positive_int = _number(int, lambda v: v >= 1, "must be at least 1")
+positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0")
 
 
 def check_out_dir(out: Path) -> Optional[str]:
@@ -64,41 +61,40 @@ def check_out_dir(out: Path) -> Optional[str]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("workloads", nargs="*", metavar="WORKLOAD",
-                        help=f"any of {', '.join(WORKLOADS)} (default: all)")
-    parser.add_argument("--quick", action="store_true", help="small inputs, for CI (seconds)")
-    parser.add_argument("--out", default="runs/benchmarks", help="report directory")
-    parser.add_argument("--model", default="gpt2",
-                        help="preset for model workloads: gpt2 (default), gpt2-medium, "
-                             "gpt2-large, gpt2-xl")
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
-    parser.add_argument("--dtype", default="fp32", help="fp32 (default), bf16, fp16 (CUDA)")
-    parser.add_argument("--batch-size", type=positive_int, default=None,
-                        help="rows of the batched decode (8) and of the training step (8)")
-    parser.add_argument("--hf-compiled", action="store_true",
-                        help="add HF's static cache + torch.compile to decode on the CPU "
-                             "(always there on CUDA)")
-    parser.add_argument("--peak-gbps", type=positive_float, default=None,
-                        help="device memory bandwidth in GB/s, for GPUs not in the spec table")
-    parser.add_argument("--peak-tflops", type=positive_float, default=None,
-                        help="device peak TFLOP/s at --dtype, for GPUs not in the spec table")
-    parser.add_argument("--threads", type=positive_int, default=None,
-                        help="torch threads (default: torch's own choice)")
-    parser.add_argument("--rounds", type=positive_int, default=None,
-                        help="interleaved rounds (default 7, 3 with --quick)")
-    parser.add_argument("--precisions", default=",".join(PRECISIONS),
-                        help="gptfn's precisions in decode, beside eager fp32 and HF: a comma "
-                             f"list of {', '.join(PRECISIONS)} (default: all; fewer need less "
-                             "memory, as GPT-2 XL does)")
-    parser.add_argument("--peers", default="all",
-                        help="engines beside gptfn in decode and prefill: all (default: those "
-                             "installed), none, or a comma list of " + ", ".join(PEERS)
-                             + " (llama.cpp / onnxruntime: all of that engine's)")
+    add = parser.add_argument
+    add("workloads", nargs="*", metavar="WORKLOAD",
+        help=f"any of {', '.join(WORKLOADS)} (default: all)")
+    add("--quick", action="store_true", help="small inputs, for CI (seconds)")
+    add("--out", default="runs/benchmarks", help="report directory")
+    add("--model", default="gpt2",
+        help="preset for model workloads: gpt2 (default), gpt2-medium, gpt2-large, gpt2-xl")
+    add("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    add("--dtype", default="fp32", help="fp32 (default), bf16, fp16 (CUDA)")
+    add("--batch-size", type=positive_int, default=None,
+        help="rows of the batched decode (8) and of the training step (8)")
+    add("--hf-compiled", action="store_true",
+        help="add HF's static cache + torch.compile to decode on the CPU (always there on CUDA)")
+    add("--peak-gbps", type=positive_float, default=None,
+        help="device memory bandwidth in GB/s, for GPUs not in the spec table")
+    add("--peak-tflops", type=positive_float, default=None,
+        help="device peak TFLOP/s at --dtype, for GPUs not in the spec table")
+    add("--threads", type=positive_int, default=None,
+        help="torch threads (default: torch's own choice)")
+    add("--rounds", type=positive_int, default=None,
+        help="interleaved rounds (default 7, 3 with --quick)")
+    add("--precisions", default=",".join(PRECISIONS),
+        help=f"gptfn's precisions in decode, beside eager fp32 and HF: a comma list of "
+             f"{', '.join(PRECISIONS)} (default: all; fewer need less memory, as GPT-2 XL does)")
+    add("--peers", default="all",
+        help="engines beside gptfn in decode and prefill: all (default: those installed), "
+             f"none, or a comma list of {', '.join(PEERS)} (llama.cpp / onnxruntime: all of "
+             "that engine's)")
     args = parser.parse_args(argv)
     unknown = [w for w in args.workloads if w not in WORKLOADS]
     if unknown:
         parser.error(f"unknown workload(s) {', '.join(unknown)}; known: {', '.join(WORKLOADS)}")
-    rounds = args.rounds if args.rounds is not None else (3 if args.quick else 7)
+    if args.rounds is None:
+        args.rounds = 3 if args.quick else 7
     try:
         args.peers = parse_peers(args.peers)
     except ValueError as exc:
@@ -117,14 +113,13 @@ def main(argv=None) -> int:
     import torch
 
     from benchmarks.device import Target
-    from benchmarks.plot import plot_result
 
     try:
-        target = Target.parse(args.device, args.dtype, args.peak_gbps, args.peak_tflops)
+        args.target = Target.parse(args.device, args.dtype, args.peak_gbps, args.peak_tflops)
     except ValueError as exc:
         parser.error(str(exc))
-    if target.is_cuda and target.device.index is not None:
-        torch.cuda.set_device(target.device)  # events and streams on the device measured
+    if args.target.is_cuda and args.target.device.index is not None:
+        torch.cuda.set_device(args.target.device)  # events and streams on the device measured
     problem = check_out_dir(out)  # before minutes of work, not after
     if problem:
         print(f"python -m benchmarks: error: --out {out}: {problem}", file=sys.stderr)
@@ -133,7 +128,9 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     try:
-        _run(args, rounds, target, out, plot_result)
+        with PeerFiles() as args.peer_files:  # the peers' model files, shared by the workloads
+            for name in args.workloads or WORKLOADS:
+                _run(WORKLOADS[name], args, out)
     except OSError as e:  # a report that cannot be written (a full disk), a missing file
         print(f"python -m benchmarks: error: {e}", file=sys.stderr)
         return 2
@@ -143,65 +140,24 @@ def main(argv=None) -> int:
     return 0
 
 
-def _run(args, rounds: int, target, out: Path, plot_result) -> None:
-    with PeerFiles() as peer_files:  # the peers' model files, shared by decode and prefill
-        _run_workloads(args, rounds, target, out, plot_result, peer_files)
-
-
-def _run_workloads(args, rounds: int, target, out: Path, plot_result, peer_files) -> None:
+def _run(workload, args, out: Path) -> None:
+    """Run one workload and report each of its results as it comes."""
     import torch
 
-    from benchmarks import (artifacts, compile_time, decode, loading, memory, prefill, tokenizer,
-                            training)
+    from benchmarks.plot import plot_result
 
-    for name in args.workloads or WORKLOADS:
-        # each workload starts from an empty torch.compile cache, as in a process of its own:
-        # its compile times are cold, and no capture of an earlier workload's shapes (made
-        # symbolic by them) serves its models
-        torch._dynamo.reset()
-        if name == "decode":
-            result = decode.bench_decode(args.quick, rounds, preset=args.model, target=target,
-                                         hf_compiled=args.hf_compiled or None,
-                                         peers=args.peers, peer_files=peer_files,
-                                         precisions=args.precisions)
-            _report(out, result, plot_result)
-            if args.batch_size == 1:  # the batched run would be this one again
-                continue
-            torch._dynamo.reset()
-            result = decode.bench_decode(args.quick, rounds, preset=args.model,
-                                         batch_size=args.batch_size or (4 if args.quick else 8),
-                                         target=target, hf_compiled=args.hf_compiled or None,
-                                         peers=args.peers, peer_files=peer_files,
-                                         precisions=args.precisions)
-        elif name == "prefill":
-            result = prefill.bench_prefill(args.quick, rounds, preset=args.model, target=target,
-                                           peers=args.peers, peer_files=peer_files)
-        elif name == "loading":
-            result = loading.bench_loading(args.quick, rounds, preset=args.model, target=target)
-        elif name == "compile":
-            result = compile_time.bench_compile(args.quick, preset=args.model, target=target)
-        elif name == "memory":
-            result = memory.bench_memory(args.quick, preset=args.model, target=target)
-        elif name == "artifacts":
-            result = artifacts.bench_artifacts(args.quick, rounds, preset=args.model,
-                                               target=target)
-        elif name == "training":
-            result = training.bench_training(args.quick, rounds, preset=args.model,
-                                             target=target, batch_size=args.batch_size)
-        elif name == "tokenize":
-            result = tokenizer.bench_tokenize(args.quick, rounds)
-        else:
-            result = tokenizer.bench_prepare(args.quick)
-        _report(out, result, plot_result)
-
-
-def _report(out: Path, result: dict, plot_result) -> None:
-    name = result["workload"]
-    write_report(out, name, result, result["table"])
-    plotted = plot_result(result, out / f"{name}.png")
-    print(result["table"])
-    print(f"(reports: {out / name}.json, {out / name}.md"
-          f"{f', {out / name}.png' if plotted else ''})\n")
+    # each run starts from an empty torch.compile cache, as in a process of its own: its
+    # compile times are cold, and no capture of an earlier run's shapes (made symbolic by
+    # them) serves its models
+    torch._dynamo.reset()
+    results = workload(args)
+    for result in [results] if isinstance(results, dict) else results:
+        name = result["workload"]
+        write_report(out, result)
+        plotted = plot_result(result, out / f"{name}.png")
+        print(result["table"])
+        print(f"(reports: {out / name}.json, {out / name}.md"
+              f"{f', {out / name}.png' if plotted else ''})\n")
 
 
 if __name__ == "__main__":

@@ -17,29 +17,24 @@ from typing import Optional
 
 import torch
 
-from benchmarks.device import Target
-from benchmarks.harness import environment, interleaved, quick_config
+from benchmarks.harness import interleaved, markdown, model_config, result, workload
+from benchmarks.peers import FORMATS
 
 _CPP = Path(__file__).resolve().parents[1] / "export" / "cpp"
 
 
-def bench_artifacts(quick: bool, rounds: int, preset: str = "gpt2",
-                    target: Optional[Target] = None, log=print) -> dict:
+@workload("artifacts")
+def bench_artifacts(opts) -> dict:
     from export.aoti import load as load_aoti
     from export.build import build, check_request, load_torchscript
     from export.verify import verify
-    from gptfn import GPTConfig, GPTModel, generate, quantize
+    from gptfn import GPTModel, generate, quantize
 
-    target = target or Target.parse()
-
-    if quick:
-        cfg = quick_config(context_length=64, embed_dim=64)
-        # 32 new tokens, not 16: a step is the difference of two timings, and 15 steps of
-        # the tiny model were within the noise of a loaded machine (a negative step once)
-        length, new_tokens, max_seq_len = 32, 32, 64
-    else:
-        cfg = GPTConfig.from_preset(preset, dropout_rate=0.0)
-        length, new_tokens, max_seq_len = 128, 64, 256
+    target, quick, rounds = opts.target, opts.quick, opts.rounds
+    cfg = model_config(opts, context_length=64, embed_dim=64)
+    # --quick: 32 new tokens, not 16: a step is the difference of two timings, and 15 steps of
+    # the tiny model were within the noise of a loaded machine (a negative step once)
+    length, new_tokens, max_seq_len = (32, 32, 64) if quick else (128, 64, 256)
     model = GPTModel(cfg, seed=0).eval().to(device=target.device, dtype=target.dtype)
     idx = torch.randint(0, cfg.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
     idx = idx.to(target.device)
@@ -49,7 +44,7 @@ def bench_artifacts(quick: bool, rounds: int, preset: str = "gpt2",
                  "aoti": Path(tmp) / "gpt_aoti.pt2"}
         check_request(cfg, paths["pt2"], max_seq_len, target.device, target.dtype)
         for kind, path in paths.items():
-            log(f"artifacts: building and verifying {kind} on {target.describe()}")
+            print(f"artifacts: building and verifying {kind} on {target.describe()}")
             reports[kind] = build(kind, model, path, max_seq_len,
                                   lambda k, p: verify(k, p, model, max_seq_len))
         runners = {
@@ -58,7 +53,7 @@ def bench_artifacts(quick: bool, rounds: int, preset: str = "gpt2",
             "pt2": torch.export.load(str(paths["pt2"])).module(),
             "aoti": load_aoti(paths["aoti"]),
         }
-        log(f"artifacts: forward latency, {rounds} interleaved rounds")
+        print(f"artifacts: forward latency, {rounds} interleaved rounds")
         samples = interleaved({k: (lambda r=r: r(idx)) for k, r in runners.items()},
                               rounds=rounds, warmup=2, clock=target.clock())
         # generation: every runner that decodes through a cache, against gptfn's compiled
@@ -71,20 +66,18 @@ def bench_artifacts(quick: bool, rounds: int, preset: str = "gpt2",
         }
         # weight formats (CPU, fp32 compute): their AOTInductor package against their
         # compiled decode step
-        schemes = ((("int8",) if quick else ("bf16", "int8", "int4")) if _formats_apply(target)
-                   else ())
-        for scheme in schemes:
+        cpu32 = target.device.type == "cpu" and target.dtype == torch.float32
+        for scheme in (("int8",) if quick else FORMATS) if cpu32 else ():
             formatted = quantize(model, scheme).eval()
-            name = f"aoti {scheme}"
-            log(f"artifacts: building and verifying the {scheme} AOTInductor package")
-            reports[name] = build("aoti", formatted, Path(tmp) / f"gpt_aoti_{scheme}.pt2",
-                                  max_seq_len,
+            name, path = f"aoti {scheme}", Path(tmp) / f"gpt_aoti_{scheme}.pt2"
+            print(f"artifacts: building and verifying the {scheme} AOTInductor package")
+            reports[name] = build("aoti", formatted, path, max_seq_len,
                                   lambda k, p, m=formatted: verify(k, p, m, max_seq_len))
-            package = load_aoti(Path(tmp) / f"gpt_aoti_{scheme}.pt2")
+            package = load_aoti(path)
             generators[f"compiled {scheme}"] = (
                 lambda n, m=formatted: generate(m, idx, n, compile=True))
             generators[name] = lambda n, r=package: r.generate(idx, n)
-        log(f"artifacts: generating {new_tokens} tokens and 1, {rounds} interleaved rounds")
+        print(f"artifacts: generating {new_tokens} tokens and 1, {rounds} interleaved rounds")
         timed = {}
         for name, gen in generators.items():
             timed[name] = lambda gen=gen: gen(new_tokens)
@@ -93,7 +86,7 @@ def bench_artifacts(quick: bool, rounds: int, preset: str = "gpt2",
         steps = {name: [(n - one) / (new_tokens - 1) for n, one in
                         zip(generations.times[name], generations.times[name + " @1"])]
                  for name in generators}  # seconds per decode step, one figure per round
-        cpp_ms = (_cpp_decode_ms(paths["aoti"], idx, new_tokens, rounds, Path(tmp), log)
+        cpp_ms = (_cpp_decode_ms(paths["aoti"], idx, new_tokens, rounds, Path(tmp))
                   if target.device.type == "cpu" else None)
     rows = []
     if cpp_ms is not None:
@@ -113,15 +106,11 @@ def bench_artifacts(quick: bool, rounds: int, preset: str = "gpt2",
                 p / v for p, v in zip(steps[_compiled_peer(name)], steps[name]))
                                    if name in steps else None),
         })
-    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-    times = lambda v: "-" if v is None else f"{v:.2f}x"  # noqa: E731
-    lines = ["| variant | forward ms (median) | vs eager | size (MB) | load (s) | decode "
-             "ms/step | vs compiled step |", "|---|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['variant']} | {fmt(r['forward_ms'], '.1f')} | "
-              f"{times(r['ratio_vs_eager'])} | {fmt(r['size_mb'], '.1f')} | "
-              f"{fmt(r['load_s'], '.2f')} | {fmt(r['decode_ms'], '.2f')} | "
-              f"{times(r['decode_vs_compiled'])} |" for r in rows]
-    lines.append(f"\nForward: batch 1, {length} tokens (the AOTInductor package's forward "
+    table = markdown([("variant", "{variant}"), ("forward ms (median)", "{forward_ms:.1f}"),
+                      ("vs eager", "{ratio_vs_eager:.2f}x"), ("size (MB)", "{size_mb:.1f}"),
+                      ("load (s)", "{load_s:.2f}"), ("decode ms/step", "{decode_ms:.2f}"),
+                      ("vs compiled step", "{decode_vs_compiled:.2f}x")], rows)
+    table.append(f"\nForward: batch 1, {length} tokens (the AOTInductor package's forward "
                  "program also allocates and fills a KV cache). Decode: greedy generation of "
                  f"{new_tokens} tokens after the {length}-token prompt less that of 1 token "
                  f"(the prefill), over the {new_tokens - 1} steps between (.pt2 has no cache: "
@@ -130,17 +119,10 @@ def bench_artifacts(quick: bool, rounds: int, preset: str = "gpt2",
                  "per-round ratios. The C++ runner (export/cpp/aoti_generate.cpp, CPU only) "
                  "times its own decode steps in a second generation, one run per round after "
                  "the interleaved rounds, and is set against the compiled step's median.")
-    return {"workload": "artifacts", "config": cfg.to_dict(), "device": str(target.device),
-            "dtype": target.dtype_name, "prompt": length, "new_tokens": new_tokens,
-            "max_seq_len": max_seq_len, "rounds": rounds, "samples_s": samples.times,
-            "generate_samples_s": generations.times, "cpp_decode_ms": cpp_ms,
-            "reports": reports, "rows": rows, "environment": environment(),
-            "table": "\n".join(lines)}
-
-
-def _formats_apply(target: Target) -> bool:
-    """Weight formats compute in fp32 on the CPU: only there are their packages built."""
-    return target.device.type == "cpu" and target.dtype == torch.float32
+    return result("artifacts", table, target, cfg, prompt=length, new_tokens=new_tokens,
+                  max_seq_len=max_seq_len, rounds=rounds, samples_s=samples.times,
+                  generate_samples_s=generations.times, cpp_decode_ms=cpp_ms, reports=reports,
+                  rows=rows)
 
 
 def _compiled_peer(name: str) -> str:
@@ -149,8 +131,8 @@ def _compiled_peer(name: str) -> str:
     return f"compiled {scheme}" if scheme in ("bf16", "fp16", "int8", "int4") else "compiled"
 
 
-def _cpp_decode_ms(package: Path, idx, new_tokens: int, rounds: int, tmp: Path,
-                      log) -> Optional[float]:
+def _cpp_decode_ms(package: Path, idx, new_tokens: int, rounds: int,
+                   tmp: Path) -> Optional[float]:
     """The C++ AOTInductor runner's ms per decode step (median of ``rounds`` runs), or None
     where it cannot be built here (no C++ compiler)."""
     import subprocess
@@ -159,11 +141,11 @@ def _cpp_decode_ms(package: Path, idx, new_tokens: int, rounds: int, tmp: Path,
     from gptfn.kernels import load
 
     binary = tmp / "gptfn_aoti_generate"
-    log("artifacts: building the C++ AOTInductor runner (export/cpp/aoti_generate.cpp)")
+    print("artifacts: building the C++ AOTInductor runner (export/cpp/aoti_generate.cpp)")
     built = subprocess.run(["bash", str(_CPP / "build.sh"), sys.executable, str(binary),
                             "aoti_generate.cpp"], capture_output=True, text=True)
     if built.returncode != 0:
-        log(f"artifacts: the C++ runner did not build, not timed: {built.stderr[-300:]}")
+        print(f"artifacts: the C++ runner did not build, not timed: {built.stderr[-300:]}")
         return None
     command = [str(binary), "--kernels", load(), "--time", str(package), str(new_tokens),
                *map(str, idx[0].tolist())]
@@ -171,7 +153,7 @@ def _cpp_decode_ms(package: Path, idx, new_tokens: int, rounds: int, tmp: Path,
     for _ in range(rounds):
         run = subprocess.run(command, capture_output=True, text=True)
         if run.returncode != 0 or "decode_ms_per_token" not in run.stderr:
-            log(f"artifacts: the C++ runner failed, not timed: {run.stderr.strip()[-300:]}")
+            print(f"artifacts: the C++ runner failed, not timed: {run.stderr.strip()[-300:]}")
             return None
         times.append(float(run.stderr.split("decode_ms_per_token")[-1]))
     return statistics.median(times)

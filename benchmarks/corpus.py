@@ -7,6 +7,7 @@ every run tokenizes the same bytes.
 from __future__ import annotations
 
 import sysconfig
+from itertools import cycle
 from pathlib import Path
 from typing import List
 
@@ -38,22 +39,13 @@ def write_corpus(out_dir: Path, target_bytes: int, file_bytes: int = 16 << 20) -
     """Write about ``target_bytes`` of stdlib text into ``out_dir`` as files of about
     ``file_bytes`` each; returns the bytes written."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    pool = stdlib_texts(min(target_bytes, 32 << 20))
+    texts = cycle(stdlib_texts(min(target_bytes, 32 << 20)))
     written, index = 0, 0
-    fh = None
-    try:
-        while written < target_bytes:
-            for text in pool:
-                if fh is None or fh.tell() >= file_bytes:
-                    if fh is not None:
-                        fh.close()
-                    fh = open(out_dir / f"part{index:04d}.txt", "w", encoding="utf-8")
-                    index += 1
+    while written < target_bytes:
+        with open(out_dir / f"part{index:04d}.txt", "w", encoding="utf-8") as fh:
+            while written < target_bytes and fh.tell() < file_bytes:
+                text = next(texts)
                 fh.write(text)
                 written += len(text.encode("utf-8"))
-                if written >= target_bytes:
-                    break
-    finally:
-        if fh is not None:
-            fh.close()
+        index += 1
     return written

@@ -44,29 +44,70 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Dict, List, Optional, Sequence
+from functools import partial
+from types import SimpleNamespace
+from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 
 from benchmarks.device import Clock, Target, per_round
-from benchmarks.harness import (Samples, environment, hf_peer, interleaved, quick_config,
-                                relative_error)
-from benchmarks.peers import (CACHE_BYTES, FORMATS, PEERS, PRECISIONS, WEIGHT_BYTES, PeerFiles,
-                              fp32_params, missing, peer_engines)
+from benchmarks.harness import (Samples, hf_peer, interleaved, left_out, markdown, model_config,
+                                relative_error, result, workload)
+from benchmarks.peers import (CACHE_BYTES, FORMATS, PEERS, WEIGHT_BYTES, fp32_params, missing,
+                              peer_engines)
+
+HOST = Clock("cpu")  # the peers' token stamps: perf_counter seconds in their own process
 
 
-class _Stamps:
-    """An HF streamer that stamps each new token on the device's clock."""
+@workload("decode")
+def run_decode(opts) -> Iterable[dict]:
+    """At batch 1, then batched (``--batch-size``; 8, 4 with --quick), unless
+    ``--batch-size 1``: the batched run would be the first again."""
+    yield bench_decode(opts, 1)
+    if opts.batch_size != 1:
+        torch._dynamo.reset()  # the batched run compiles cold too, as in a process of its own
+        yield bench_decode(opts, opts.batch_size or (4 if opts.quick else 8))
 
-    def __init__(self, clock: Clock) -> None:
-        self.clock = clock
-        self.times: List[object] = []
 
-    def put(self, value) -> None:
-        self.times.append(self.clock.stamp())
+def _rate(stamps: list, clock: Clock, rows: int) -> float:
+    """Tokens/s of a generation's steps after its first new token (which comes from the
+    prompt's forward pass), from the new tokens' stamps on ``clock``."""
+    return rows * (len(stamps) - 1) / clock.seconds(stamps[0], stamps[-1])
 
-    def end(self) -> None:
-        pass
+
+def _gptfn_tokens(tokens: Callable[[], Iterable[torch.Tensor]], clock: Clock):
+    """One generation by gptfn (``generate_tokens``) or a package (``.tokens``), each new token
+    stamped on ``clock``: (tokens/s, the (B, new) tokens)."""
+    stamps, out = [], []
+    with torch.no_grad():
+        for tok in tokens():
+            out.append(tok.view(-1))
+            stamps.append(clock.stamp())
+    return _rate(stamps, clock, out[0].numel()), torch.stack(out, 1).cpu()
+
+
+def _hf_tokens(hf, idx, mask, new_tokens: int, clock: Clock, extra: dict):
+    """One generation by HF's ``generate`` (``extra``: its static cache + compile), each new
+    token stamped by a streamer: (tokens/s, the (B, new) tokens)."""
+    stamps: List[object] = []
+    streamer = SimpleNamespace(put=lambda _: stamps.append(clock.stamp()), end=lambda: None)
+    with torch.no_grad():
+        out = hf.generate(idx, attention_mask=mask, max_new_tokens=new_tokens,
+                          min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                          streamer=streamer, **extra)
+    rate = _rate(stamps[1:], clock, idx.size(0))  # the first put() is the prompt
+    return rate, out[:, idx.size(1):].cpu()
+
+
+def _peer_tokens(engine, idx, new_tokens: int):
+    """One generation by a peer's engine (batched: its rows as sequences of one batch), timed
+    by its own token stamps: (tokens/s, the (B, new) tokens)."""
+    if idx.size(0) == 1:
+        out, stamps = engine.greedy(idx[0].tolist(), new_tokens)
+        out = [out]
+    else:
+        out, stamps = engine.greedy_rows(idx.tolist(), new_tokens)
+    return _rate(stamps, HOST, idx.size(0)), torch.tensor(out)
 
 
 def bytes_per_step(config, max_len: int, batch: int, itemsize: float = 4,
@@ -84,15 +125,14 @@ def bytes_per_step(config, max_len: int, batch: int, itemsize: float = 4,
     return {"params": params, "cache": cache}
 
 
-def bandwidth_probes(target: Target, mib: int = 256):
-    """Closures timing a matrix-vector product (``torch.mv``, the BLAS route of a plain
-    model's one-row products) and a plain streaming read over ``mib`` MiB at the target's
-    dtype and device, and the bytes each reads."""
+def bandwidth_probes(target: Target, mib: int):
+    """Calls timing a matrix-vector product (``torch.mv``, the BLAS route of a plain model's
+    one-row products) and a plain streaming read over ``mib`` MiB at the target's dtype and
+    device, and the bytes each reads."""
     from gptfn.hugepages import place
 
     cols = 768
-    itemsize = target.dtype.itemsize
-    rows = mib * (1 << 20) // (itemsize * cols)
+    rows = mib * (1 << 20) // (target.dtype.itemsize * cols)
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(rows, cols, generator=gen).to(target.device, target.dtype)
     w = place({"w": w})["w"]  # in 2 MB pages on the CPU, as gptfn's weights in decode
@@ -104,7 +144,7 @@ def bandwidth_probes(target: Target, mib: int = 256):
     def stream():
         w.sum()
 
-    return gemv, stream, w.numel() * itemsize
+    return gemv, stream, w.numel() * target.dtype.itemsize
 
 
 def format_bytes(model, config) -> int:
@@ -130,25 +170,18 @@ def _hf_compile_kwargs(target: Target) -> dict:
     return {"cache_implementation": "static", "compile_config": config}
 
 
-def bench_decode(quick: bool, rounds: int, preset: str = "gpt2", prompt_len: int = 128,
-                 new_tokens: int = 64, batch_size: int = 1, target: Optional[Target] = None,
-                 hf_compiled: Optional[bool] = None, peers: Sequence[str] = (),
-                 peer_files: Optional[PeerFiles] = None, precisions: Sequence[str] = PRECISIONS,
-                 log=print) -> dict:
-    """The decode workload. ``precisions``: which of gptfn's (fp32, bf16, int8, int4) run
-    beside eager fp32 and HF, which always run (the references); a run of fewer needs less
-    memory, which GPT-2 XL does."""
-    from gptfn import GPTConfig, GPTModel
+def bench_decode(opts, batch_size: int) -> dict:
+    """One decode run at ``batch_size``. ``opts.precisions``: which of gptfn's (fp32, bf16,
+    int8, int4) run beside eager fp32 and HF, which always run (the references); a run of
+    fewer needs less memory, which GPT-2 XL does."""
+    from gptfn import GPTModel
     from gptfn.generation import generate_tokens
     from gptfn.hugepages import huge_pages
 
-    target = target or Target.parse()
-    hf_compiled = target.is_cuda if hf_compiled is None else hf_compiled
-    if quick:
-        cfg = quick_config()
-        prompt_len, new_tokens = 32, 16
-    else:
-        cfg = GPTConfig.from_preset(preset, dropout_rate=0.0)
+    target, quick, peers = opts.target, opts.quick, opts.peers
+    cfg = model_config(opts)
+    prompt_len, new_tokens = (32, 16) if quick else (128, 64)
+    cpu32 = not target.is_cuda and target.dtype == torch.float32  # formats' and packages' home
     torch.manual_seed(0)
 
     def placed(m):  # on the CPU gptfn's weights stream from 2 MB pages (gptfn.hugepages)
@@ -157,45 +190,41 @@ def bench_decode(quick: bool, rounds: int, preset: str = "gpt2", prompt_len: int
     model = placed(GPTModel(cfg, seed=0).eval())
     hf = hf_peer(cfg, model, target, share=True)  # HF reads the same tensors
     params32 = fp32_params(model) if peers else {}  # what the peers' files are written from
-    if target.is_cuda or target.dtype != torch.float32:  # new tensors: placed again
+    if not cpu32:  # new tensors: placed again
         model = placed(model.to(device=target.device, dtype=target.dtype))
     idx = torch.randint(0, cfg.vocab_size, (batch_size, prompt_len),
                         generator=torch.Generator().manual_seed(0)).to(target.device)
-    mask = torch.ones_like(idx)
     clock = target.clock()
-    plain = "fp32" in precisions or target.dtype != torch.float32
-    ours = ["hf"] + (["hf_compiled"] if hf_compiled else []) + ["eager"] \
-        + (["compiled"] if plain else [])
+    plain = "fp32" in opts.precisions or target.dtype != torch.float32
     models = {"eager": model, **({"compiled": model} if plain else {})}
-    if not target.is_cuda and target.dtype == torch.float32:  # weight formats: CPU, fp32 compute
+    if cpu32:  # the weight formats compute in fp32 on the CPU
         from gptfn.quantization import quantize
 
-        for scheme in (f for f in FORMATS if f in precisions):
+        for scheme in (f for f in FORMATS if f in opts.precisions):
             quantized = placed(quantize(model, scheme))
             models.update({f"eager_{scheme}": quantized, f"compiled_{scheme}": quantized})
-    formats = [name for name in models if name not in ("eager", "compiled")]
-    # AOTInductor packages: batch 1, CPU, fp32 compute (their decode program's), of each model
-    sources, packages = {}, {}
-    if not target.is_cuda and target.dtype == torch.float32 and batch_size == 1:
-        sources = {"aoti" + name[len("eager"):]: models[name] for name in models
-                   if name.startswith("eager") and (not quick or name == "eager_int8")
-                   and (name != "eager" or plain)}
-        # (--quick, in the test suite: the int8 package only; each costs half a minute)
-    built_s, unbuilt = {}, {}
-    for name in list(sources):
-        why = _no_room_for_package(format_bytes(sources[name], cfg))
-        if why:
-            unbuilt[name] = why
-            del sources[name]
-            log(f"  {name} left out: {why}")
-    if sources and peer_files is not None:
+    # AOTInductor packages (batch 1; --quick, in the test suite: the int8 package only, each
+    # costs half a minute): of each eager model, where there is the memory to build it
+    sources, unbuilt = {}, {}
+    if cpu32 and batch_size == 1:
+        for name in (n for n in models if n.startswith("eager")
+                     and (not quick or n == "eager_int8") and (n != "eager" or plain)):
+            aoti, why = "aoti" + name[len("eager"):], _no_room_for_package(
+                format_bytes(models[name], cfg))
+            if why:
+                unbuilt[aoti] = why
+                print(f"  {aoti} left out: {why}")
+            else:
+                sources[aoti] = models[name]
+    if sources:
         # the peers' files before the packages: writing one holds a copy of the weights,
         # which beside a loaded package did not fit (GPT-2 XL in fp32, 24 GB)
         for name in [n for n in peers if n not in missing([n])]:
-            peer_files.path(name, cfg, params32)
+            opts.peer_files.path(name, cfg, params32)
+    packages, built_s = {}, {}
     for name, source in sources.items():  # before the peers start: a build's peak memory
         t0 = time.perf_counter()
-        log(f"  {name}: building the AOTInductor package")
+        print(f"  {name}: building the AOTInductor package")
         packages[name] = _package(source, prompt_len + new_tokens)
         built_s[name] = time.perf_counter() - t0
     off = "peers run on the CPU" if target.is_cuda else None
@@ -203,195 +232,117 @@ def bench_decode(quick: bool, rounds: int, preset: str = "gpt2", prompt_len: int
     # ONNX Runtime is driven one row at a time
     unbatched = {n: "ONNX Runtime runs at batch 1 here" for n in peers
                  if batch_size != 1 and PEERS[n][0] != "llama.cpp" and not off}
-    with peer_engines([n for n in peers if n not in unbatched], peer_files, cfg, params32,
-                      torch.get_num_threads(), off, log) as (engines, skipped):
+    hf_compiled = opts.hf_compiled or target.is_cuda
+    static = _hf_compile_kwargs(target) if hf_compiled else {}
+    mib = 32 if quick else (1024 if target.is_cuda else 256)
+    with peer_engines([n for n in peers if n not in unbatched], opts.peer_files, cfg, params32,
+                      torch.get_num_threads(), off) as (engines, skipped):
         skipped.update(unbatched)
-        names = ours + formats + list(sources) + list(engines)
-        rates: Dict[str, List[float]] = {name: [] for name in names}
-        tokens: Dict[str, torch.Tensor] = {}
-
-        def rate(stamps) -> float:
-            return batch_size * (len(stamps) - 1) / clock.seconds(stamps[0], stamps[-1])
-
-        def run_ours(name: str):
-            stamps, out = [], []
-            compile = name.startswith("compiled")
-            with torch.no_grad():
-                for tok in generate_tokens(models[name], idx, new_tokens, compile=compile):
-                    out.append(tok)
-                    stamps.append(clock.stamp())
-            rates[name].append(rate(stamps))
-            tokens[name] = torch.stack(out, 1).cpu()
-
-        def run_package(name: str):
-            stamps, out = [], []
-            with torch.no_grad():
-                for tok in packages[name].tokens(idx, new_tokens):
-                    out.append(tok.view(-1))
-                    stamps.append(clock.stamp())
-            rates[name].append(rate(stamps))
-            tokens[name] = torch.stack(out, 1).cpu()
-
-        def run_peer(name: str):
-            if batch_size == 1:
-                out, stamps = engines[name].greedy(idx[0].tolist(), new_tokens)
-                out = [out]
-            else:
-                out, stamps = engines[name].greedy_rows(idx.tolist(), new_tokens)
-            # the engine's own clock (perf_counter seconds), not the target's
-            rates[name].append(batch_size * (len(stamps) - 1) / (stamps[-1] - stamps[0]))
-            tokens[name] = torch.tensor(out)
-
-        def run_hf(name: str, extra: dict):
-            streamer = _Stamps(clock)
-            with torch.no_grad():
-                out = hf.generate(idx, attention_mask=mask, max_new_tokens=new_tokens,
-                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-                                  streamer=streamer, **extra)
-            rates[name].append(rate(streamer.times[1:]))  # the first put() is the prompt
-            tokens[name] = out[:, prompt_len:].cpu()
-
-        gemv, stream, probe_bytes = bandwidth_probes(target, 32 if quick else
-                                                     (1024 if target.is_cuda else 256))
-        log(f"decode: {preset if not quick else 'tiny'} on {target.describe()}, "
-            f"batch {batch_size}, prompt {prompt_len}, {new_tokens} new tokens, "
-            f"{rounds} interleaved rounds; compiling first")
+        mask = torch.ones_like(idx)
+        variants = {"hf": partial(_hf_tokens, hf, idx, mask, new_tokens, clock, {})}
+        if hf_compiled:
+            variants["hf_compiled"] = partial(_hf_tokens, hf, idx, mask, new_tokens, clock, static)
+        for name, m in models.items():
+            variants[name] = partial(_gptfn_tokens, partial(
+                generate_tokens, m, idx, new_tokens, compile=name.startswith("compiled")), clock)
+        for name, package in packages.items():
+            variants[name] = partial(_gptfn_tokens, partial(package.tokens, idx, new_tokens),
+                                     clock)
+        names = list(variants) + list(engines)  # the decoders, in the report's order
+        variants["gemv"], variants["stream"], probe_bytes = bandwidth_probes(target, mib)
+        variants.update({name: partial(_peer_tokens, e, idx, new_tokens)
+                         for name, e in engines.items()})
+        print(f"decode: {opts.model if not quick else 'tiny'} on {target.describe()}, "
+              f"batch {batch_size}, prompt {prompt_len}, {new_tokens} new tokens, "
+              f"{opts.rounds} interleaved rounds; compiling first")
         compile_s = {}
-        static = _hf_compile_kwargs(target) if hf_compiled else {}
-        firsts = [(name, lambda name=name: run_ours(name)) for name in models
-                  if name.startswith("compiled")]
-        firsts.append(("hf_compiled", lambda: run_hf("hf_compiled", static)))
-        firsts += [(name, lambda name=name: run_package(name)) for name in sources]
-        for name, first in firsts:
-            if name in rates:
-                t0 = time.perf_counter()
-                first()  # compile outside the timed rounds
-                compile_s[name] = time.perf_counter() - t0 + built_s.get(name, 0.0)
-                log(f"  {name}: compile + first run {compile_s[name]:.1f} s")
-        variants = {
-            "hf": lambda: run_hf("hf", {}),
-            "hf_compiled": lambda: run_hf("hf_compiled", static),
-            **{name: (lambda name=name: run_ours(name)) for name in models},
-            **{name: (lambda name=name: run_package(name)) for name in sources},
-            "gemv": gemv,
-            "stream": stream,
-            **{name: (lambda name=name: run_peer(name)) for name in engines},
-        }
-        variants = {k: v for k, v in variants.items() if k in rates or k in ("gemv", "stream")}
-        for v in rates.values():
-            v.clear()
-        samples = interleaved(variants, rounds=rounds, warmup=1, clock=clock,
-                              progress=lambda m: log(f"  {m}"))
-        for v in rates.values():
-            del v[0]  # the warm-up round
-        agreement = _agreement(cfg, model, hf, idx, tokens, target,
-                               strict=ours + [n for n in sources if n == "aoti"])
-        bandwidth = [probe_bytes / t for t in samples.times["gemv"]]  # bytes/s per round
-        streaming = [probe_bytes / t for t in samples.times["stream"]]
-        spec_bandwidth, _ = target.spec()
-        roofline = per_round(spec_bandwidth, probe_bytes, samples.times["gemv"])
-        roofline_name = "datasheet" if spec_bandwidth else "GEMV"
-        need = bytes_per_step(cfg, prompt_len + new_tokens, batch_size, target.dtype.itemsize)
-        step_bytes = need["params"] + need["cache"]
-        reads = {name: step_bytes for name in ours}  # bytes a step reads, by variant
-        for name in formats:
-            reads[name] = format_bytes(models[name], cfg) + need["cache"]
-        for name, source in sources.items():
-            reads[name] = (format_bytes(source, cfg) if name != "aoti" else need["params"]) \
-                + need["cache"]
-        for name in engines:
-            engine, precision = PEERS[name]
-            peer = bytes_per_step(cfg, prompt_len + new_tokens, batch_size,
-                                  WEIGHT_BYTES[precision], CACHE_BYTES[engine])
-            reads[name] = peer["params"] + peer["cache"]
-        per_token = Samples({k: [1.0 / r for r in v] for k, v in rates.items()})  # s per token
-        rows = []
-        for name in names:
-            steps = [r / batch_size for r in rates[name]]  # decode steps per second
-            mbu = [reads[name] * st / bw for st, bw in zip(steps, roofline)]
-            of_stream = [reads[name] * st / bw for st, bw in zip(steps, streaming)]
-            rows.append({
-                "variant": name,
-                "tokens_per_s": statistics.median(rates[name]),
-                "ms_per_token": 1e3 / statistics.median(steps),
-                "min_tokens_per_s": min(rates[name]),
-                "max_tokens_per_s": max(rates[name]),
-                "ratio_vs_hf": per_token.ratio(name, "hf"),
-                "ratio_vs_eager": per_token.ratio(name, "eager"),
-                "mb_per_token": reads[name] / 1e6,
-                "mbu": statistics.median(mbu),
-                "of_stream": statistics.median(of_stream),
-            })
-        against = _against_llama_cpp(rates, per_token, target.dtype_name)
-        bw_median = statistics.median(bandwidth)
-        stream_median = statistics.median(streaming)
-        roof = (f"MBU against the datasheet's {spec_bandwidth / 1e9:.0f} GB/s" if spec_bandwidth
-                else "MBU against the GEMV probe")
-        table = "\n".join(
-            [f"| variant | decode tokens/s (median) | ms/step | min-max | vs HF | vs eager "
-             f"| MB read/step | MBU ({roofline_name}) | of streaming read |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-            + [f"| {r['variant']} | {r['tokens_per_s']:.1f} | {r['ms_per_token']:.2f} | "
-               f"{r['min_tokens_per_s']:.1f}-{r['max_tokens_per_s']:.1f} | "
-               f"{r['ratio_vs_hf']:.2f}x | {r['ratio_vs_eager']:.2f}x | "
-               f"{r['mb_per_token']:.0f} | {r['mbu'] * 100:.0f}% | "
-               f"{r['of_stream'] * 100:.0f}% |"
-               for r in rows]
-            + ["", f"{target.describe()}; {roof}. GEMV bandwidth {bw_median / 1e9:.1f} GB/s, "
-                   f"streaming read {stream_median / 1e9:.1f} GB/s (medians); a decode step reads "
-                   f"{step_bytes / 1e6:.0f} MB (params {need['params'] / 1e6:.0f} MB + KV cache "
-                   f"{need['cache'] / 1e6:.0f} MB); compile + first run: "
-                   + ", ".join(f"{k} {v:.1f} s" for k, v in compile_s.items())
-                   + f"; {agreement['summary']}"
-                   + ("; peers left out: " + "; ".join(f"{k} ({v})" for k, v in skipped.items())
-                      if skipped else "")
-                   + ("; packages left out: " + "; ".join(f"{k} ({v})" for k, v in
-                                                         unbuilt.items()) if unbuilt else "")]
-            + (["", "gptfn's faster path at each precision against llama.cpp at its own "
-                    "(median of per-round ratios):", "",
-                "| precision | gptfn | tokens/s | llama.cpp | tokens/s | gptfn / llama.cpp |",
-                "|---|---|---:|---|---:|---:|"]
-               + [f"| {a['precision']} | {a['gptfn']} | {a['gptfn_tokens_per_s']:.1f} | "
-                  f"{a['peer']} | {a['peer_tokens_per_s']:.1f} | {a['ratio']:.2f}x |"
-                  for a in against] if against else [])
-        )
-        return {
-            "workload": "decode" if batch_size == 1 else f"decode_b{batch_size}",
-            "config": cfg.to_dict(),
-            "device": str(target.device),
-            "dtype": target.dtype_name,
-            "batch_size": batch_size,
-            "prompt_len": prompt_len,
-            "new_tokens": new_tokens,
-            "rounds": rounds,
-            "decode_tokens_per_s": rates,
-            "samples_s": samples.times,
-            "gemv_bytes": probe_bytes,
-            "gemv_bandwidth_bytes_per_s": bandwidth,
-            "stream_bandwidth_bytes_per_s": streaming,
-            "spec_bandwidth_bytes_per_s": spec_bandwidth,
-            "bytes_per_step": need,
-            "compile_s": compile_s,
-            "agreement": agreement,
-            "peers_left_out": skipped,
-            "packages_left_out": unbuilt,
-            "rows": rows,
-            "against_llama_cpp": against,
-            "environment": environment(),
-            "table": table,
-        }
-
-
-# precision -> (gptfn's variants at it, llama.cpp's variant at the nearest precision)
-_MATCHES = {"fp32": ("", "llama.cpp-f32"), "bf16": ("_bf16", "llama.cpp-f16"),
-            "int8": ("_int8", "llama.cpp-q8_0"), "int4": ("_int4", "llama.cpp-q4_0")}
+        for name in ([n for n in models if n.startswith("compiled")]
+                     + (["hf_compiled"] if hf_compiled else []) + list(packages)):
+            t0 = time.perf_counter()
+            variants[name]()  # compile outside the timed rounds
+            compile_s[name] = time.perf_counter() - t0 + built_s.get(name, 0.0)
+            print(f"  {name}: compile + first run {compile_s[name]:.1f} s")
+        samples = interleaved(variants, rounds=opts.rounds, warmup=1, clock=clock,
+                              progress=lambda m: print(f"  {m}"), keep=True)
+    rates = {name: [rate for rate, _ in samples.values[name]] for name in names}
+    tokens = {name: samples.values[name][-1][1] for name in names}
+    agreement = _agreement(cfg, model, hf, idx, tokens, target,
+                           strict=[n for n in names if n in ("hf", "hf_compiled", "eager",
+                                                             "compiled", "aoti")])
+    need = bytes_per_step(cfg, prompt_len + new_tokens, batch_size, target.dtype.itemsize)
+    reads = {name: need["params"] + need["cache"] for name in names}  # bytes a step reads
+    for name, m in {**models, **sources}.items():
+        reads[name] = (need["params"] if m is model else format_bytes(m, cfg)) + need["cache"]
+    for name in engines:
+        engine, precision = PEERS[name]
+        peer = bytes_per_step(cfg, prompt_len + new_tokens, batch_size,
+                              WEIGHT_BYTES[precision], CACHE_BYTES[engine])
+        reads[name] = peer["params"] + peer["cache"]
+    gemv = [probe_bytes / t for t in samples.times["gemv"]]  # bytes/s per round
+    streaming = [probe_bytes / t for t in samples.times["stream"]]
+    spec_bandwidth, _ = target.spec()
+    roofline = per_round(spec_bandwidth, probe_bytes, samples.times["gemv"])
+    per_token = Samples({k: [1.0 / r for r in v] for k, v in rates.items()})  # s per token
+    rows = []
+    for name in names:
+        steps = [r / batch_size for r in rates[name]]  # decode steps per second
+        rows.append({
+            "variant": name,
+            "tokens_per_s": statistics.median(rates[name]),
+            "ms_per_token": 1e3 / statistics.median(steps),
+            "min_tokens_per_s": min(rates[name]),
+            "max_tokens_per_s": max(rates[name]),
+            "ratio_vs_hf": per_token.ratio(name, "hf"),
+            "ratio_vs_eager": per_token.ratio(name, "eager"),
+            "mb_per_token": reads[name] / 1e6,
+            "mbu": statistics.median(reads[name] * s / b for s, b in zip(steps, roofline)),
+            "of_stream": statistics.median(reads[name] * s / b for s, b in zip(steps, streaming)),
+        })
+    against = _against_llama_cpp(rates, per_token, target.dtype_name)
+    roof = (f"MBU against the datasheet's {spec_bandwidth / 1e9:.0f} GB/s" if spec_bandwidth
+            else "MBU against the GEMV probe")
+    table = markdown([
+        ("variant", "{variant}"), ("decode tokens/s (median)", "{tokens_per_s:.1f}"),
+        ("ms/step", "{ms_per_token:.2f}"),
+        ("min-max", "{min_tokens_per_s:.1f}-{max_tokens_per_s:.1f}"),
+        ("vs HF", "{ratio_vs_hf:.2f}x"), ("vs eager", "{ratio_vs_eager:.2f}x"),
+        ("MB read/step", "{mb_per_token:.0f}"),
+        (f"MBU ({'datasheet' if spec_bandwidth else 'GEMV'})", "{mbu:.0%}"),
+        ("of streaming read", "{of_stream:.0%}")], rows)
+    table += ["", f"{target.describe()}; {roof}. GEMV bandwidth "
+                  f"{statistics.median(gemv) / 1e9:.1f} GB/s, streaming read "
+                  f"{statistics.median(streaming) / 1e9:.1f} GB/s (medians); a decode step reads "
+                  f"{(need['params'] + need['cache']) / 1e6:.0f} MB (params "
+                  f"{need['params'] / 1e6:.0f} MB + KV cache {need['cache'] / 1e6:.0f} MB); "
+                  "compile + first run: "
+                  + ", ".join(f"{k} {v:.1f} s" for k, v in compile_s.items())
+                  + f"; {agreement['summary']}" + left_out("peers", skipped)
+                  + left_out("packages", unbuilt)]
+    if against:
+        table += ["", "gptfn's faster path at each precision against llama.cpp at its own "
+                      "(median of per-round ratios):", ""]
+        table += markdown([("precision", "{precision}"), ("gptfn", "{gptfn}"),
+                           ("tokens/s", "{gptfn_tokens_per_s:.1f}"), ("llama.cpp", "{peer}"),
+                           ("tokens/s", "{peer_tokens_per_s:.1f}"),
+                           ("gptfn / llama.cpp", "{ratio:.2f}x")], against)
+    return result(
+        "decode" if batch_size == 1 else f"decode_b{batch_size}", table, target, cfg,
+        batch_size=batch_size, prompt_len=prompt_len, new_tokens=new_tokens,
+        rounds=opts.rounds, decode_tokens_per_s=rates, samples_s=samples.times,
+        gemv_bytes=probe_bytes, gemv_bandwidth_bytes_per_s=gemv,
+        stream_bandwidth_bytes_per_s=streaming, spec_bandwidth_bytes_per_s=spec_bandwidth,
+        bytes_per_step=need, compile_s=compile_s, agreement=agreement, peers_left_out=skipped,
+        packages_left_out=unbuilt, rows=rows, against_llama_cpp=against)
 
 
 def _no_room_for_package(weight_bytes: int) -> Optional[str]:
     """Why this machine has too little memory to build and run a package of ``weight_bytes``
     of weights beside the other variants and the peers (None: it has enough, or the memory
-    cannot be read). The loaded package holds its own copy of the weights, and its build
-    less than one more at its peak (``tests/test_export.py`` holds it to that)."""
+    cannot be read). The loaded package holds its own copy of the weights. Its build holds
+    less than one more at its peak for weights with storages of their own
+    (``tests/test_export.py`` holds it there), and up to about 1.4x beyond the model for
+    weights placed in 2 MB pages (views, which the build copies), freed before the package
+    is loaded."""
     need = 2 * weight_bytes
     try:
         with open("/proc/meminfo") as f:
@@ -423,22 +374,23 @@ def _package(model, max_seq_len: int):
 def _against_llama_cpp(rates: Dict[str, List[float]], per_token: Samples,
                        dtype_name: str) -> List[dict]:
     """For each precision where both ran: gptfn's fastest variant (eager, compiled or its
-    AOTInductor package, by median) against llama.cpp's, as the median of per-round speed
-    ratios. The plain variants run at the run's dtype (fp32 on the CPU by default)."""
+    AOTInductor package, by median) against llama.cpp's at the nearest precision, as the
+    median of per-round speed ratios. The plain variants run at the run's dtype (fp32 on the
+    CPU by default)."""
     out = []
-    for precision, (suffix, peer) in _MATCHES.items():
-        if suffix == "":
-            precision = dtype_name
-            peer = "llama.cpp-f32" if dtype_name == "fp32" else "llama.cpp-f16"
+    for suffix, (precision, peer) in {
+            "": (dtype_name, "llama.cpp-f32" if dtype_name == "fp32" else "llama.cpp-f16"),
+            "_bf16": ("bf16", "llama.cpp-f16"), "_int8": ("int8", "llama.cpp-q8_0"),
+            "_int4": ("int4", "llama.cpp-q4_0")}.items():
         ours = [n for n in (f"eager{suffix}", f"compiled{suffix}", f"aoti{suffix}")
                 if rates.get(n)]
         if not ours or not rates.get(peer):
             continue
         best = max(ours, key=lambda n: statistics.median(rates[n]))
         out.append({"precision": precision, "gptfn": best, "peer": peer,
-                     "gptfn_tokens_per_s": statistics.median(rates[best]),
-                     "peer_tokens_per_s": statistics.median(rates[peer]),
-                     "ratio": per_token.ratio(best, peer)})
+                    "gptfn_tokens_per_s": statistics.median(rates[best]),
+                    "peer_tokens_per_s": statistics.median(rates[peer]),
+                    "ratio": per_token.ratio(best, peer)})
     return out
 
 

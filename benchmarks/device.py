@@ -168,3 +168,9 @@ def gemm_probe(target: Target, size: int = 1024):
         torch.mm(a, b)
 
     return run, 2 * size ** 3
+
+
+def gemm_note(target: Target, gemm_flops_per_s: float, spec_flops: Optional[float]) -> str:
+    """The line under an MFU table: the device, and the peak FLOP/s measured and quoted."""
+    return (f"{target.describe()}; GEMM probe {gemm_flops_per_s / 1e9:.0f} GFLOP/s (median)"
+            + (f"; datasheet peak {spec_flops / 1e12:.0f} TFLOP/s" if spec_flops else ""))

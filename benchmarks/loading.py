@@ -13,23 +13,20 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 import torch
 
-from benchmarks.device import Target
-from benchmarks.harness import environment, interleaved, quick_config
+from benchmarks.harness import interleaved, markdown, model_config, result, workload
 
 
-def bench_loading(quick: bool, rounds: int, preset: str = "gpt2",
-                  target: Optional[Target] = None, log=print) -> dict:
+@workload("loading")
+def bench_loading(opts) -> dict:
     import transformers
 
-    from gptfn import GPTConfig, GPTModel
+    from gptfn import GPTModel
 
-    target = target or Target.parse()
-    cfg = (quick_config(context_length=128) if quick
-           else GPTConfig.from_preset(preset, dropout_rate=0.0))
+    target = opts.target
+    cfg = model_config(opts, context_length=128)
     idx = torch.zeros(1, 1, dtype=torch.long, device=target.device)
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
@@ -47,18 +44,16 @@ def bench_loading(quick: bool, rounds: int, preset: str = "gpt2",
                 hf = transformers.GPT2LMHeadModel.from_pretrained(path, dtype=target.dtype)
                 hf.to(target.device)(idx)
 
-        log(f"loading: {size / 1e6:.0f} MB checkpoint to {target.describe()}, "
-            f"{rounds} interleaved rounds")
-        samples = interleaved({"hf": theirs, "gptfn": ours}, rounds=rounds, warmup=1,
+        print(f"loading: {size / 1e6:.0f} MB checkpoint to {target.describe()}, "
+              f"{opts.rounds} interleaved rounds")
+        samples = interleaved({"hf": theirs, "gptfn": ours}, rounds=opts.rounds, warmup=1,
                               clock=target.clock())
     rows = [{"variant": n, "median_s": samples.median(n), "min_s": min(samples.times[n]),
              "max_s": max(samples.times[n]), "ratio_vs_hf": samples.ratio(n, "hf")}
             for n in ("hf", "gptfn")]
-    lines = ["| variant | load + first token (s, median) | min-max | vs HF |",
-             "|---|---:|---:|---:|"]
-    lines += [f"| {r['variant']} | {r['median_s']:.3f} | {r['min_s']:.3f}-{r['max_s']:.3f} | "
-              f"{r['ratio_vs_hf']:.2f}x |" for r in rows]
-    return {"workload": "loading", "config": cfg.to_dict(), "device": str(target.device),
-            "dtype": target.dtype_name, "bytes": size, "rounds": rounds,
-            "samples_s": samples.times, "rows": rows, "environment": environment(),
-            "table": "\n".join(lines)}
+    table = markdown([("variant", "{variant}"),
+                      ("load + first token (s, median)", "{median_s:.3f}"),
+                      ("min-max", "{min_s:.3f}-{max_s:.3f}"), ("vs HF", "{ratio_vs_hf:.2f}x")],
+                     rows)
+    return result("loading", table, target, cfg, bytes=size, rounds=opts.rounds,
+                  samples_s=samples.times, rows=rows)

@@ -36,8 +36,9 @@ def plot_result(result: dict, path: Path) -> bool:
     bars = ax.bar(names, values, color="#4878a8")
     if ratio_key:
         for bar, r in zip(bars, rows):
-            ax.annotate(f"{r[ratio_key]:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                        ha="center", va="bottom", fontsize=9)
+            ax.annotate(f"{r[ratio_key]:.2f}x", (bar.get_x() + bar.get_width() / 2,
+                                                 bar.get_height()), ha="center", va="bottom",
+                        fontsize=9)
     ax.set_ylabel(label)
     peer = ratio_key.removeprefix("ratio_vs_") if ratio_key else None
     ax.set_title(f"{result['workload']}" + (f" (ratios: against {peer})" if peer else ""))

@@ -18,13 +18,12 @@ datasheet's peak at the dtype on CUDA, a GEMM probe timed in the same rounds on 
 from __future__ import annotations
 
 import statistics
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.device import Target, gemm_probe, per_round
-from benchmarks.harness import Samples, environment, hf_peer, interleaved, quick_config
+from benchmarks.device import Target, gemm_note, gemm_probe, per_round
+from benchmarks.harness import hf_peer, interleaved, markdown, quick_config, result, workload
 
 
 def _step_fn(model, optimizer, batches, loss_of, target: Target):
@@ -53,24 +52,26 @@ def training_flops_per_token(cfg, n_params: int) -> int:
     return 6 * n_params + 12 * cfg.num_layers * cfg.context_length * cfg.embed_dim
 
 
-def bench_training(quick: bool, rounds: int, preset: str = "gpt2",
-                   target: Optional[Target] = None, batch_size: Optional[int] = None,
-                   log=print) -> dict:
+def _hf_loss(model, x, y):
+    logits = model(x).logits
+    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+
+@workload("training")
+def bench_training(opts) -> dict:
     from gptfn import GPTConfig, GPTModel
     from gptfn.train import TrainSettings, make_optimizer
 
-    target = target or Target.parse()
-    if quick:
+    target = opts.target
+    batch, steps = (4, 2) if opts.quick else (8, 3)
+    if opts.quick:
         cfg = quick_config(context_length=64, embed_dim=64, dropout_rate=0.1)
-        batch, steps = 4, 2
     elif target.is_cuda:
-        cfg = GPTConfig.from_preset(preset, dropout_rate=0.1)
-        batch, steps = 8, 3
+        cfg = GPTConfig.from_preset(opts.model, dropout_rate=0.1)
     else:
         cfg = GPTConfig(vocab_size=50257, context_length=128, embed_dim=256, num_layers=4,
                         num_heads=8, dropout_rate=0.1)
-        batch, steps = 8, 3
-    batch = batch_size or batch
+    batch = opts.batch_size or batch
     dev = target.device
     ours = GPTModel(cfg, seed=0).train()
     hf = hf_peer(cfg, ours, Target(dev)).train()  # fp32 weights: autocast does the rest
@@ -78,7 +79,6 @@ def bench_training(quick: bool, rounds: int, preset: str = "gpt2",
     if hf.lm_head.weight.data_ptr() != hf.transformer.wte.weight.data_ptr():
         raise RuntimeError("HF's head is not tied to wte")
     settings = TrainSettings(lr=3e-4)
-    opt_ours, opt_hf = make_optimizer(ours, settings), make_optimizer(hf, settings)
     gen = torch.Generator().manual_seed(0)
     batches = []
     for _ in range(steps):
@@ -86,61 +86,34 @@ def bench_training(quick: bool, rounds: int, preset: str = "gpt2",
         batches.append((data[:, :-1].to(dev), data[:, 1:].to(dev)))
     gemm, gemm_flops = gemm_probe(target)
     variants = {
-        "hf": _step_fn(hf, opt_hf, batches, _hf_loss, target),
-        "gptfn": _step_fn(ours, opt_ours, batches, lambda m, x, y: m(x, y), target),
+        "hf": _step_fn(hf, make_optimizer(hf, settings), batches, _hf_loss, target),
+        "gptfn": _step_fn(ours, make_optimizer(ours, settings), batches,
+                          lambda m, x, y: m(x, y), target),
         "gemm": gemm,
     }
     tokens = steps * batch * cfg.context_length
-    log(f"training: {cfg.num_layers} layers x {cfg.embed_dim} wide, vocab {cfg.vocab_size}, "
-        f"batch {batch} x {cfg.context_length}, {steps} steps per call, {rounds} rounds, "
-        f"{target.describe()}")
-    samples: Samples = interleaved(variants, rounds=rounds, warmup=1, clock=target.clock(),
-                                   progress=lambda m: log(f"  {m}"))
+    print(f"training: {cfg.num_layers} layers x {cfg.embed_dim} wide, vocab {cfg.vocab_size}, "
+          f"batch {batch} x {cfg.context_length}, {steps} steps per call, {opts.rounds} rounds, "
+          f"{target.describe()}")
+    samples = interleaved(variants, rounds=opts.rounds, warmup=1, clock=target.clock(),
+                          progress=lambda m: print(f"  {m}"))
     flops_per_token = training_flops_per_token(cfg, ours.num_params())
     _, spec_flops = target.spec()
     peaks = per_round(spec_flops, gemm_flops, samples.times["gemm"])
-    rows = []
-    for name in ("hf", "gptfn"):
-        t = samples.median(name)
-        rate = tokens / t
-        mfu = [tokens / s * flops_per_token / p for s, p in zip(samples.times[name], peaks)]
-        rows.append({
-            "variant": name,
-            "tokens_per_s": rate,
-            "min_tokens_per_s": tokens / max(samples.times[name]),
-            "max_tokens_per_s": tokens / min(samples.times[name]),
-            "ratio_vs_hf": samples.ratio(name, "hf"),
-            "mfu": statistics.median(mfu),
-        })
-    peak_name = "datasheet" if spec_flops else "GEMM probe"
-    lines = [f"| variant | tokens/s (median) | min-max | vs HF | MFU ({peak_name}) |",
-             "|---|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['variant']} | {r['tokens_per_s']:,.0f} | {r['min_tokens_per_s']:,.0f}-"
-                     f"{r['max_tokens_per_s']:,.0f} | {r['ratio_vs_hf']:.2f}x | "
-                     f"{r['mfu'] * 100:.1f}% |")
-    gemm_median = gemm_flops / samples.median("gemm")
-    lines += ["", f"{target.describe()}; GEMM probe {gemm_median / 1e9:.0f} GFLOP/s (median)"
-                  + (f"; datasheet peak {spec_flops / 1e12:.0f} TFLOP/s" if spec_flops else "")]
-    table = "\n".join(lines)
-    return {
-        "workload": "training",
-        "config": cfg.to_dict(),
-        "device": str(dev),
-        "dtype": target.dtype_name,
-        "spec_flops": spec_flops,
-        "gemm_flops": gemm_flops,
-        "batch": batch,
-        "steps_per_call": steps,
-        "rounds": rounds,
-        "samples_s": samples.times,
-        "flops_per_token": flops_per_token,
-        "rows": rows,
-        "environment": environment(),
-        "table": table,
-    }
-
-
-def _hf_loss(model, x, y):
-    logits = model(x).logits
-    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+    rows = [{"variant": name,
+             "tokens_per_s": tokens / samples.median(name),
+             "min_tokens_per_s": tokens / max(samples.times[name]),
+             "max_tokens_per_s": tokens / min(samples.times[name]),
+             "ratio_vs_hf": samples.ratio(name, "hf"),
+             "mfu": statistics.median(tokens / s * flops_per_token / p
+                                      for s, p in zip(samples.times[name], peaks))}
+            for name in ("hf", "gptfn")]
+    table = markdown([("variant", "{variant}"), ("tokens/s (median)", "{tokens_per_s:,.0f}"),
+                      ("min-max", "{min_tokens_per_s:,.0f}-{max_tokens_per_s:,.0f}"),
+                      ("vs HF", "{ratio_vs_hf:.2f}x"),
+                      (f"MFU ({'datasheet' if spec_flops else 'GEMM probe'})", "{mfu:.1%}")],
+                     rows)
+    table += ["", gemm_note(target, gemm_flops / samples.median("gemm"), spec_flops)]
+    return result("training", table, target, cfg, spec_flops=spec_flops, gemm_flops=gemm_flops,
+                  batch=batch, steps_per_call=steps, rounds=opts.rounds,
+                  samples_s=samples.times, flops_per_token=flops_per_token, rows=rows)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from benchmarks.device import Clock, Target, gpu_spec
-from benchmarks.harness import Samples, interleaved
+from benchmarks.harness import Samples, interleaved, markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,6 +25,23 @@ def test_interleaved_rounds_and_ratio():
     s = Samples({"base": [2.0, 4.0, 6.0], "fast": [1.0, 1.0, 3.0]})
     assert s.ratio("fast", "base") == 2.0  # median of per-round ratios 2, 4, 2
     assert s.median("base") == 4.0
+    calls = iter(range(100))
+    samples = interleaved({"n": lambda: next(calls)}, rounds=3, warmup=2, keep=True)
+    assert samples.values["n"] == [2, 3, 4]  # the timed rounds' returns, none of the warm-up's
+
+
+def test_markdown_aligns_text_left_and_figures_right():
+    rows = [{"T": 32, "variant": "eager", "ms": 1.5, "ratio": None}]
+    columns = [("T", "{T}"), ("variant", "{variant}"), ("ms", "{ms:.2f}"), ("vs", "{ratio:.2f}x")]
+    assert markdown(columns, rows) == ["| T | variant | ms | vs |", "|---:|---|---:|---:|",
+                                       "| 32 | eager | 1.50 | - |"]
+
+
+def test_workloads_are_registered_in_the_run_order():
+    from benchmarks.__main__ import WORKLOADS
+
+    assert list(WORKLOADS) == ["decode", "prefill", "training", "loading", "compile",
+                               "artifacts", "memory", "tokenize", "prepare"]
 
 
 class _FakeEvent:
@@ -258,10 +275,10 @@ def test_unknown_workload():
     (["--peak-tflops", "nan"], "argument --peak-tflops: must be a finite number > 0, got nan"),
 ])
 def test_numeric_options_are_refused_not_replaced(tmp_path, capsys, monkeypatch, args, message):
-    from benchmarks import tokenizer
     from benchmarks.__main__ import main
+    from benchmarks.harness import WORKLOADS
 
-    monkeypatch.setattr(tokenizer, "bench_tokenize", _must_not_run)
+    monkeypatch.setitem(WORKLOADS, "tokenize", _must_not_run)
     with pytest.raises(SystemExit) as exc:
         main(["tokenize", "--quick", "--out", str(tmp_path / "runs"), *args])
     assert exc.value.code == 2
@@ -277,10 +294,10 @@ def _must_not_run(*args, **kwargs):
 def test_an_unwritable_out_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
     import os
 
-    from benchmarks import tokenizer
     from benchmarks.__main__ import main
+    from benchmarks.harness import WORKLOADS
 
-    monkeypatch.setattr(tokenizer, "bench_prepare", _must_not_run)
+    monkeypatch.setitem(WORKLOADS, "prepare", _must_not_run)
     a_file = tmp_path / "reports.json"
     a_file.write_text("{}")
     cases = [(a_file, "exists and is not a directory"), (a_file / "sub", "Not a directory"),
@@ -299,8 +316,8 @@ def test_an_unwritable_out_is_one_line_before_any_work(tmp_path, capsys, monkeyp
 
 def test_out_with_a_tilde_is_the_home_directory(tmp_path, monkeypatch):
     """``--out '~/bench'`` writes under HOME, not into a directory named ``~`` here."""
-    from benchmarks import tokenizer
     from benchmarks.__main__ import main
+    from benchmarks.harness import WORKLOADS
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
@@ -310,7 +327,7 @@ def test_out_with_a_tilde_is_the_home_directory(tmp_path, monkeypatch):
     here.mkdir()
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.chdir(here)
-    monkeypatch.setattr(tokenizer, "bench_prepare", interrupt)
+    monkeypatch.setitem(WORKLOADS, "prepare", interrupt)
     assert main(["prepare", "--out", "~/bench"]) == 130  # after the --out check made it
     assert (home / "bench").is_dir()
     assert not list(here.iterdir())
