@@ -61,7 +61,7 @@ class ScriptableGPT(nn.Module):
                                    unpadded_prefill=True)[:, -1]
         out = [idx]
         for step in range(max_new_tokens):
-            token = sample_next(logits, temperature, top_k, 1.0, None)  # (B,)
+            token = sample_next(logits, temperature, top_k)  # (B,): no top-p, the global RNG
             out.append(token.view(-1, 1))
             if step + 1 < max_new_tokens:
                 pos = torch.full([1], t + step, dtype=torch.long, device=idx.device)

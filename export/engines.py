@@ -197,7 +197,7 @@ class _LlamaCpp:
             raise ValueError(f"greedy_rows takes prompts of one length, at least one token "
                              f"each, and n >= 1; got lengths {[len(r) for r in rows]}, n {n}")
         ctx = self._batched_context(b, p + n)
-        lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
+        lc.llama_memory_clear(lc.llama_get_memory(ctx), True)  # data too, not only metadata
         batch = lc.llama_batch_init(b * p, 0, 1)
         try:
             def decode(entries):  # entries: (token, position, sequence, wants logits)

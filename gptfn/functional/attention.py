@@ -62,7 +62,8 @@ def self_attention(
     Shapes: x (B, T, d_in) or (T, d_in); w_* (d_in, d_out) -> (B, T, d_out) or (T, d_out).
     """
     return single_head_attention(
-        x, w_query, w_key, w_value, b_query, b_key, b_value, False, 0.0, False
+        x, w_query, w_key, w_value, b_query, b_key, b_value,
+        causal=False, dropout_p=0.0, training=False,
     )
 
 
@@ -84,7 +85,8 @@ def causal_attention(
     Shapes: x (B, T, d_in) or (T, d_in); w_* (d_in, d_out) -> (B, T, d_out) or (T, d_out).
     """
     return single_head_attention(
-        x, w_query, w_key, w_value, b_query, b_key, b_value, True, dropout_p, training
+        x, w_query, w_key, w_value, b_query, b_key, b_value,
+        causal=True, dropout_p=dropout_p, training=training,
     )
 
 

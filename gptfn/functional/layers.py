@@ -111,5 +111,5 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
     Shapes: any -> same.
     """
     if training and p > 0.0:
-        return F.dropout(x, p, True)
+        return F.dropout(x, p, training=True)
     return x
