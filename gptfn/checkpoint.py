@@ -97,7 +97,8 @@ def save_checkpoint(
             else:
                 scalars.setdefault(names[index], {})[key] = value
     save_safetensors(tensors, tmp / "optimizer.safetensors")
-    groups = [{k: v for k, v in g.items() if k != "params"} | {"params": [names[i] for i in g["params"]]}
+    groups = [{k: v for k, v in g.items() if k != "params"}
+              | {"params": [names[i] for i in g["params"]]}
               for g in opt["param_groups"]]
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -232,7 +233,8 @@ def _read_state(file: Path, path: Path):
     if (not isinstance(state, dict) or not isinstance(groups, list) or not isinstance(scalars, dict)
             or not isinstance(state.get("settings", {}), dict)
             or not isinstance(state.get("data", {}), dict)):
-        raise ValueError(f"{file} is corrupt: state, param_groups or optimizer_scalars has the wrong type")
+        raise ValueError(f"{file} is corrupt: state, param_groups or optimizer_scalars has "
+                         "the wrong type")
     for key in ("step", "tokens"):
         value = state.get(key)
         if not is_int(value) or value < 0:
@@ -275,7 +277,8 @@ def _read_optimizer(file: Path, params: Optional[Dict[str, Tensor]], index: Dict
                 f"{file}: {key} has shape {tuple(value.shape)} and dtype {value.dtype}, but the "
                 f"parameter has shape {tuple(params[name].shape)}")
         if sub == "step" and value.numel() != 1:
-            raise ValueError(f"{file}: {key} should hold one number, has shape {tuple(value.shape)}")
+            raise ValueError(f"{file}: {key} should hold one number, has shape "
+                             f"{tuple(value.shape)}")
         opt_state.setdefault(index[name], {})[sub] = value
     for name, entry in scalars.items():
         if name not in index or not isinstance(entry, dict) or not all(

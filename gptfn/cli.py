@@ -185,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", required=True, help="text file or `gptfn prepare` directory")
     ev.add_argument("--context-length", type=_positive_int, default=None,
                     help="window length (default: the model's context_length)")
-    ev.add_argument("--batch-size", type=_positive_int, default=8, help="windows per batch (default 8)")
+    ev.add_argument("--batch-size", type=_positive_int, default=8,
+                    help="windows per batch (default 8)")
     ev.add_argument("--max-batches", type=_positive_int, default=None,
                     help="evaluate only the first N batches (default: all)")
     ev.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: auto)")
@@ -263,7 +264,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             sys.stdout.flush()
     print(("" if args.stream else args.prompt + "".join(pieces)))
     new = len(stamps) - 1
-    report = f"{new} new tokens; first token after {(stamps[1] - stamps[0]) * 1e3:.0f} ms" if new else "no new tokens"
+    report = (f"{new} new tokens; first token after {(stamps[1] - stamps[0]) * 1e3:.0f} ms"
+              if new else "no new tokens")
     if new >= 3:
         first_step = stamps[2] - stamps[1]
         rate = (new - 2) / (stamps[-1] - stamps[2]) if stamps[-1] > stamps[2] else float("inf")
@@ -373,7 +375,8 @@ def _config_arg(spec: str):
     if path.is_file():
         return GPTConfig.from_json(path)
     if path.suffix == ".json" or "/" in spec or path.exists():
-        raise FileNotFoundError(f"--config {spec}: no such file (nor a preset name: {', '.join(PRESETS)})")
+        raise FileNotFoundError(f"--config {spec}: no such file (nor a preset name: "
+                                f"{', '.join(PRESETS)})")
     return GPTConfig.from_preset(spec)
 
 

@@ -94,7 +94,7 @@ class GPTConfig:
                 fields[field] = value
             elif key in _HF_CHECKED:
                 _HF_CHECKED[key](value)
-            elif key in _HF_IGNORED or key.startswith("task_specific") or key.startswith("summary_"):
+            elif key in _HF_IGNORED or key.startswith(("task_specific", "summary_")):
                 continue
             else:
                 raise ValueError(f"unknown config key {key!r}")
@@ -158,7 +158,8 @@ def _check_tied(value: Any) -> None:
 def _check_no_scaling_changes(key: str, expected: Any):
     def check(value: Any) -> None:
         if value != expected:
-            raise ValueError(f"config key {key}={value!r} is not supported (gptfn needs {expected!r})")
+            raise ValueError(f"config key {key}={value!r} is not supported (gptfn needs "
+                             f"{expected!r})")
 
     return check
 

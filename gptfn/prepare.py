@@ -277,7 +277,8 @@ def _load_meta(meta_path: Path, out: Path) -> dict:
         and 0 <= v[0] <= v[1] <= count
         for v in splits.values()
     ):
-        raise ValueError(f"{meta_path}: splits {splits!r} are not token ranges within {count} tokens")
+        raise ValueError(f"{meta_path}: splits {splits!r} are not token ranges within {count} "
+                         "tokens")
     return meta
 
 

@@ -36,7 +36,8 @@ AllowedSpecial = Union[Literal["all"], AbstractSet[str]]
 DisallowedSpecial = Union[Literal["all"], Collection[str]]
 
 
-def load_ranks(path: Union[str, Path] = R50K_PATH, expected_sha256: str = R50K_SHA256) -> Dict[bytes, int]:
+def load_ranks(path: Union[str, Path] = R50K_PATH,
+               expected_sha256: str = R50K_SHA256) -> Dict[bytes, int]:
     """Read a tiktoken rank file (``base64(token) rank`` per line), checking its sha256."""
     path = Path(path)
     try:

@@ -160,8 +160,8 @@ _MAX_NEW_TOKENS = 8  # attention of at most this many new tokens goes to cached_
 
 def _cached_attention(node: fx.Node) -> Optional[tuple]:
     """``(q, k, v, mask)`` of ``scaled_dot_product_attention(q, k, v, attn_mask=mask,
-    dropout_p=0.0, is_causal=False)`` over fp32 CPU tensors with a boolean mask and a few new tokens (a
-    decode step over its cache); None for anything else."""
+    dropout_p=0.0, is_causal=False)`` over fp32 CPU tensors with a boolean mask and a few new
+    tokens (a decode step over its cache); None for anything else."""
     if not 3 <= len(node.args) <= 3 + len(_SDPA_OPTIONS):
         return None
     options = {**dict(zip(_SDPA_OPTIONS, node.args[3:])), **node.kwargs}

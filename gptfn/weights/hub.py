@@ -138,7 +138,8 @@ def _config_of(config_path: Path, weights: list) -> GPTConfig:
     try:
         own = GPTConfig.from_dict(json.loads(saved))
     except (json.JSONDecodeError, ValueError, RecursionError) as e:
-        raise ValueError(f"{weights[0]}: the config saved in its metadata is invalid ({e})") from None
+        raise ValueError(f"{weights[0]}: the config saved in its metadata is invalid "
+                         f"({e})") from None
     warnings.warn(f"{config_path} is older than {weights[0].name} (a save was cut off before "
                   "it wrote config.json): using the config saved with the weights", stacklevel=3)
     return own

@@ -4,7 +4,8 @@ A release directory holds ``hparams.json`` (``n_vocab``, ``n_ctx``, ``n_embd``, 
 ``n_layer``) and a TF checkpoint (``checkpoint``, ``model.ckpt.index``,
 ``model.ckpt.data-*``, ``model.ckpt.meta``). The checkpoint read is always ``model.ckpt`` in
 that directory: the ``checkpoint`` pointer file is ignored, so that one naming a path elsewhere
-(absolute, or ``../``) makes nothing outside the directory read. Variable names map onto canonical keys as
+(absolute, or ``../``) makes nothing outside the directory read. Variable names map onto
+canonical keys as
 
     model/wte                      -> wte.weight                  [V, C]
     model/wpe                      -> wpe.weight                  [T_max, C]

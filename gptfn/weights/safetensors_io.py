@@ -68,13 +68,15 @@ def read_header(path: PathLike) -> Tuple[int, Dict[str, dict], Dict[str, str]]:
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise SafetensorsError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
+        raise SafetensorsError(f"{path}: not a safetensors file (header is not JSON: "
+                               f"{e})") from None
     if not isinstance(header, dict):
         raise SafetensorsError(f"{path}: not a safetensors file (header is not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-        raise SafetensorsError(f"{path}: __metadata__ must map strings to strings, got {metadata!r:.80}")
+        raise SafetensorsError(f"{path}: __metadata__ must map strings to strings, got "
+                               f"{metadata!r:.80}")
     data_start = 8 + n
     data_size = size - data_start
     spans = []
