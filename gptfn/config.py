@@ -253,7 +253,7 @@ MODEL_NAMES = tuple(PRESETS) + tuple(PRESET_ALIASES)
 def preset_name(name: str) -> str:
     """The preset a model name means (``"124M"`` -> ``"gpt2"``): the one place that knows
     the names, and the one error for a name that is none of them."""
-    key = PRESET_ALIASES.get(name, name) if isinstance(name, str) else name
+    key = PRESET_ALIASES.get(name, name) if isinstance(name, str) else None
     if key not in PRESETS:
         raise ValueError(f"unknown model name {name!r}; known names: {', '.join(MODEL_NAMES)}")
     return key

@@ -329,7 +329,8 @@ class GPTModel(nn.Module):
         from gptfn.weights import load_params
         from gptfn.weights.resolve import locate
 
-        config, params = load_params(locate(path, download), dtype=dtype, device=device)
+        config, params = load_params(locate(path, allow_download=download), dtype=dtype,
+                                     device=device)
         return cls(config, params=params).eval()
 
     def save_pretrained(self, path: Union[str, os.PathLike]) -> Path:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from gptfn.config import MODEL_NAMES, preset_name
-from gptfn.weights import download as hub
+from gptfn.weights.download import download, is_cached, offline, plan
 
 
 class NotCached(FileNotFoundError):
@@ -26,11 +26,11 @@ class NotCached(FileNotFoundError):
 
 def locate(
     model: Union[str, os.PathLike],
-    download: bool = True,
+    allow_download: bool = True,
     cache_dir: Optional[Union[str, os.PathLike]] = None,
 ) -> Path:
     """The checkpoint that ``model`` (a path or a model name) means, downloading a named one
-    first when it is not cached and ``download`` is true (see the module docstring)."""
+    first when it is not cached and ``allow_download`` is true (see the module docstring)."""
     path = Path(model).expanduser()
     if path.exists():
         return path
@@ -39,12 +39,12 @@ def locate(
         raise FileNotFoundError(f"no such checkpoint file or directory: {path} (and {text!r} "
                                 f"is not a model name: {', '.join(MODEL_NAMES)})")
     name = preset_name(text)  # an unknown name is a ValueError naming the known ones
-    if hub.is_cached(name, cache_dir=cache_dir):
-        return hub.plan(name, cache_dir=cache_dir)[0]
-    forbidden = hub.offline()
-    if download and not forbidden:
-        return hub.download(text, cache_dir=cache_dir)
-    where = hub.plan(name, cache_dir=cache_dir)[0]
+    if is_cached(name, cache_dir=cache_dir):
+        return plan(name, cache_dir=cache_dir)[0]
+    forbidden = offline()
+    if allow_download and not forbidden:
+        return download(text, cache_dir=cache_dir)
+    where = plan(name, cache_dir=cache_dir)[0]
     why = f" and downloads are disabled ({forbidden})" if forbidden else ""
     raise NotCached(f"no pretrained weights for {text!r} in {where}{why}: download them with "
                     f"`gptfn download {text}` (or set GPTFN_CACHE_DIR to a cache that has "
