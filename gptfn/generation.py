@@ -48,15 +48,11 @@ def model_parts(model: ModelLike) -> Tuple[GPTConfig, Dict[str, Tensor]]:
 
 def check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
     """Raise ValueError naming the sampling argument that is out of range."""
-    if not is_number(temperature) or not (
-        0.0 <= temperature < float("inf")
-    ):
+    if not is_number(temperature) or not 0.0 <= temperature < float("inf"):
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
     if top_k is not None and (not is_int(top_k) or top_k <= 0):
         raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
-    if top_p is not None and (
-        not is_number(top_p) or not 0.0 < top_p <= 1.0
-    ):
+    if top_p is not None and (not is_number(top_p) or not 0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
 
 

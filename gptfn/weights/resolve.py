@@ -39,12 +39,12 @@ def locate(
         raise FileNotFoundError(f"no such checkpoint file or directory: {path} (and {text!r} "
                                 f"is not a model name: {', '.join(MODEL_NAMES)})")
     name = preset_name(text)  # an unknown name is a ValueError naming the known ones
+    where = plan(name, cache_dir=cache_dir)[0]
     if is_cached(name, cache_dir=cache_dir):
-        return plan(name, cache_dir=cache_dir)[0]
+        return where
     forbidden = offline()
     if allow_download and not forbidden:
         return download(text, cache_dir=cache_dir)
-    where = plan(name, cache_dir=cache_dir)[0]
     why = f" and downloads are disabled ({forbidden})" if forbidden else ""
     raise NotCached(f"no pretrained weights for {text!r} in {where}{why}: download them with "
                     f"`gptfn download {text}` (or set GPTFN_CACHE_DIR to a cache that has "
